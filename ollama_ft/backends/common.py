@@ -1,0 +1,269 @@
+"""What both backends share: tokenisation with assistant masks, the SFTTrainer settings, the
+metrics callback, resume-from-checkpoint and a clean stop on Ctrl-C.
+
+Both backends tokenise here, with the same code, so they see the same tokens in the same order;
+only model loading and LoRA wrapping differ between them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ollama_ft.backends import TrainJob, TrainResult
+
+LINEAR_TARGETS_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def read_examples(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _render(tokenizer, jinja: str, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def tokenize_example(example: dict, tokenizer, jinja: str, assistant_only: bool) -> dict[str, list[int]]:
+    """input_ids and assistant_masks for one example.
+
+    A conversation is cut where each assistant answer starts: the text before it (rendered with
+    the generation prompt, exactly what Ollama will send) and the answer through its end-of-turn
+    marker. Each piece is tokenised on its own, so the boundary is exact.
+    """
+    if example.get("text") is not None:
+        ids = tokenizer(example["text"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "assistant_masks": [1] * len(ids)}
+    messages = example["messages"]
+    ids: list[int] = []
+    mask: list[int] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, jinja, messages[:i], True)
+        full = _render(tokenizer, jinja, messages[: i + 1], False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ValueError("chat template is not prefix-stable; cannot mask assistant turns")
+        head = tokenizer(prompt[len(done):], add_special_tokens=False).input_ids
+        answer = tokenizer(full[len(prompt):], add_special_tokens=False).input_ids
+        ids += head + answer
+        mask += [0] * len(head) + [1] * len(answer)
+        done = full
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        ids, mask = [tokenizer.bos_token_id] + ids, [0] + mask
+    if not assistant_only:
+        mask = [1] * len(ids)
+    return {"input_ids": ids, "assistant_masks": mask}
+
+
+def build_dataset(path: str, tokenizer, jinja: str, assistant_only: bool, max_length: int):
+    """A tokenised datasets.Dataset plus counts of truncated and dropped examples."""
+    from datasets import Dataset
+
+    rows, truncated, dropped = [], 0, 0
+    for example in read_examples(path):
+        row = tokenize_example(example, tokenizer, jinja, assistant_only)
+        if len(row["input_ids"]) > max_length:
+            truncated += 1
+            row = {k: v[:max_length] for k, v in row.items()}
+            if not any(row["assistant_masks"]):
+                dropped += 1  # nothing left to learn from once the answer is cut off
+                continue
+        rows.append(row)
+    if not rows:
+        raise DatasetTooLong(f"all {truncated} examples exceed model.max_seq_length = {max_length} tokens "
+                             "before their answer starts; raise model.max_seq_length or shorten the prompts")
+    return Dataset.from_list(rows), truncated, dropped
+
+
+class DatasetTooLong(ValueError):
+    pass
+
+
+def resolve_targets(model, targets) -> list[str]:
+    """`all-linear` → the names of every Linear layer but the LM head (same list for both backends)."""
+    if targets != "all-linear":
+        return list(targets)
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names) or LINEAR_TARGETS_LLAMA
+
+
+def training_dtype(model_section: dict, device: str):
+    import torch
+
+    requested = model_section["dtype"]
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def pick_device(job: TrainJob) -> str:
+    import torch
+
+    return "cuda" if job.device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def sft_config(job: TrainJob, device: str, dtype, **overrides):
+    from trl import SFTConfig
+
+    t = job.train
+    bf16 = device == "cuda" and str(dtype) == "torch.bfloat16"
+    fp16 = device == "cuda" and str(dtype) == "torch.float16"
+    kwargs: dict[str, Any] = dict(
+        output_dir=job.checkpoint_dir, seed=t["seed"], data_seed=t["seed"],
+        learning_rate=t["learning_rate"], lr_scheduler_type=t["lr_scheduler"], warmup_steps=t["warmup_ratio"],  # a float < 1 is a ratio in transformers 5
+        weight_decay=t["weight_decay"], optim=t["optimizer"],
+        per_device_train_batch_size=t["batch_size"], gradient_accumulation_steps=t["gradient_accumulation"],
+        num_train_epochs=t["epochs"], max_steps=t["max_steps"] or -1,
+        gradient_checkpointing=t["gradient_checkpointing"],
+        max_length=job.model["max_seq_length"], packing=t["packing"],
+        logging_steps=t["logging_steps"], save_steps=t["save_steps"], save_total_limit=2,
+        save_only_model=False, report_to=[] if t["report_to"] == "none" else [t["report_to"]],
+        bf16=bf16, fp16=fp16, use_cpu=device == "cpu",
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        disable_tqdm=True, eval_strategy="no", remove_unused_columns=True,
+        dataset_num_proc=None,
+    )
+    # transformers 5 reads the TensorBoard folder from the environment only.
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(job.output_dir).parent / "tensorboard"))
+    if t["gradient_checkpointing"]:
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
+
+
+def make_callback(emit: Callable[[dict], None], history: list[dict], stop_flag: dict):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            emit({"event": "train_begin", "total_steps": state.max_steps, "step": state.global_step})
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                entry = {"step": state.global_step, "loss": float(logs["loss"]),
+                         "learning_rate": float(logs.get("learning_rate", 0.0)),
+                         "tokens_seen": int(state.num_input_tokens_seen)}
+                history.append(entry)
+                emit({"event": "log", **entry, "total_steps": state.max_steps})
+
+        def on_step_end(self, args, state, control, **kw):
+            emit({"event": "step", "step": state.global_step, "total_steps": state.max_steps})
+            if stop_flag.get("stop"):
+                # Ctrl-C: save a checkpoint at this step and stop, so a rerun resumes here.
+                control.should_save = True
+                control.should_training_stop = True
+
+    return Progress()
+
+
+def last_checkpoint(checkpoint_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(checkpoint_dir) if os.path.isdir(checkpoint_dir) else None
+
+
+def peak_memory(device: str) -> tuple[int, str]:
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()), "cuda_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_rss"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "unsloth"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C after saving a checkpoint."""
+
+
+def run_sft(job: TrainJob, model, tokenizer, emit, *, device: str, dtype, kind: str,
+            trainer_overrides: dict | None = None, config_overrides: dict | None = None,
+            save: Callable[[Any, str], None] | None = None) -> TrainResult:
+    """Train `model` (already wrapped with LoRA, or full) with TRL's SFTTrainer; save to job.output_dir."""
+    import torch
+    from trl import SFTTrainer
+
+    max_len = job.model["max_seq_length"]
+    train_ds, truncated, dropped = build_dataset(job.examples_path, tokenizer, job.chat_jinja,
+                                                 job.assistant_only_loss, max_len)
+    eval_ds = None
+    if job.validation_path:
+        eval_ds, _, _ = build_dataset(job.validation_path, tokenizer, job.chat_jinja, job.assistant_only_loss, max_len)
+    emit({"event": "data", "examples": len(train_ds), "truncated": truncated, "dropped": dropped})
+
+    args = sft_config(job, device, dtype, **(config_overrides or {}))
+    history: list[dict] = []
+    stop_flag = {"stop": False}
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=[make_callback(emit, history, stop_flag)],
+                         **(trainer_overrides or {}))
+
+    def on_sigint(signum, frame):
+        stop_flag["stop"] = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    resume = last_checkpoint(job.checkpoint_dir)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    seconds = time.perf_counter() - start
+    if stop_flag["stop"]:
+        raise Interrupted(last_checkpoint(job.checkpoint_dir) or job.checkpoint_dir)
+
+    eval_loss = None
+    if eval_ds is not None:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+    peak, peak_kind = peak_memory(device)
+    tokens = int(trainer.state.num_input_tokens_seen)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    out = Path(job.output_dir)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (save or (lambda m, p: m.save_pretrained(p)))(trainer.model, str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+    return TrainResult(
+        kind=kind, output_dir=str(out), train_seconds=seconds, steps=int(trainer.state.global_step),
+        tokens_seen=tokens, tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+        peak_memory_bytes=peak, peak_memory_kind=peak_kind, trainable_parameters=int(trainable),
+        total_parameters=int(total), loss_history=history, eval_loss=eval_loss,
+        final_loss=history[-1]["loss"] if history else float(output.training_loss),
+        examples=len(train_ds), dropped_examples=dropped, truncated_examples=truncated,
+        device_name=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        versions=versions(), resumed_from=resume,
+    )

@@ -1,0 +1,51 @@
+"""The plain Hugging Face route: transformers loads the model, PEFT adds LoRA/DoRA, TRL trains.
+
+QLoRA loads the frozen base in 4-bit NF4 through bitsandbytes (CUDA only) and prepares it with
+`prepare_model_for_kbit_training`, which TRL does not call itself.
+"""
+
+from __future__ import annotations
+
+from ollama_ft.backends import TrainJob, TrainResult
+from ollama_ft.backends.common import pick_device, resolve_targets, run_sft, training_dtype
+
+
+class PeftBackend:
+    name = "peft"
+
+    def train(self, job: TrainJob, emit) -> TrainResult:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = pick_device(job)
+        dtype = training_dtype(job.model, device)
+        t = job.train
+        load_kwargs = dict(dtype=dtype, trust_remote_code=job.model["trust_remote_code"],
+                           attn_implementation="sdpa")
+        if job.model["load_in_4bit"]:
+            from transformers import BitsAndBytesConfig
+
+            load_kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+            load_kwargs["device_map"] = {"": 0}
+        tokenizer = AutoTokenizer.from_pretrained(job.base_path, trust_remote_code=job.model["trust_remote_code"])
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        torch.manual_seed(t["seed"])
+        model = AutoModelForCausalLM.from_pretrained(job.base_path, **load_kwargs)
+        if device == "cuda" and not job.model["load_in_4bit"]:
+            model = model.to("cuda")
+
+        if t["method"] == "full":
+            return run_sft(job, model, tokenizer, emit, device=device, dtype=dtype, kind="full")
+
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if job.model["load_in_4bit"]:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t["gradient_checkpointing"])
+        config = LoraConfig(r=t["rank"], lora_alpha=t["alpha"], lora_dropout=t["dropout"],
+                            target_modules=resolve_targets(model, t["target_modules"]),
+                            use_dora=t["method"] == "dora", bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+        return run_sft(job, model, tokenizer, emit, device=device, dtype=dtype, kind="adapter")

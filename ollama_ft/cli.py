@@ -1,0 +1,215 @@
+"""The `ollama-ft` command: parse arguments, call the library, turn its errors into one line.
+
+Nothing heavy is imported at module level (no torch, no transformers), so `ollama-ft --help`
+is instant; each command imports the library module it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ollama_ft import __version__
+from ollama_ft.errors import OllamaFtError
+
+
+def _fail(exc: OllamaFtError) -> None:
+    click.echo(f"error: {exc.one_line()}", err=True)
+    sys.exit(exc.exit_code)
+
+
+class _Group(click.Group):
+    """Library errors → `error: …` on stderr and their exit code; Ctrl-C → 130."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OllamaFtError as exc:
+            _fail(exc)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ollama-ft")
+def main() -> None:
+    """Fine-tune a model on your examples, ship it to Ollama, and measure it.
+
+    \b
+    ollama-ft build recipes/tiny-demo.toml        # train → GGUF → Q4_K_M → Ollama
+    ollama-ft compare recipe.toml --backends unsloth,peft
+    ollama-ft eval MODEL --suite evals/turkish-core.toml
+    """
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+class RichReporter:
+    """Shows each stage as it runs, with a progress bar for training and eval."""
+
+    def __init__(self, console, prefix: str = ""):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.prefix = prefix
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
+                            transient=True)
+        self.tasks: dict[str, int] = {}
+
+    def stage(self, name: str, status: str, detail: str = "") -> None:
+        label = f"{self.prefix}{name}"
+        if status == "start":
+            self.console.print(f"[bold]▶ {label}[/]")
+        elif status == "skip":
+            self.console.print(f"[dim]· {label}: up to date, skipped[/]")
+        elif status == "done":
+            if name in self.tasks:
+                self.bar.remove_task(self.tasks.pop(name))
+                if not self.tasks:
+                    self.bar.stop()
+            self.console.print(f"[green]✔ {label}[/] {detail}")
+
+    def progress(self, name: str, done: int, total: int, detail: str = "") -> None:
+        if name not in self.tasks:
+            self.bar.start()
+            self.tasks[name] = self.bar.add_task(f"{self.prefix}{name}", total=total, detail=detail)
+        self.bar.update(self.tasks[name], completed=done, total=total, detail=detail)
+
+    def close(self) -> None:
+        self.bar.stop()
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--backend", type=click.Choice(["peft", "unsloth"]), default="peft", show_default=True,
+              help="Training backend.")
+@click.option("--force", is_flag=True, help="Redo every stage, and replace an Ollama model of the same name.")
+@click.option("--from", "from_stage", metavar="STAGE", help="Redo this stage and every later one.")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--host", help="Ollama server (default: recipe, then $OLLAMA_HOST, then 127.0.0.1:11434).")
+@click.option("--cpu", is_flag=True, help="Train on the CPU even if a GPU is present.")
+@click.option("--no-eval", is_flag=True, help="Skip the recipe's eval suite.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the summary.")
+def build(recipe: Path, backend: str, force: bool, from_stage: str | None, runs_dir: Path, host: str | None,
+          cpu: bool, no_eval: bool, as_json: bool) -> None:
+    """Train, merge, convert, quantize and register RECIPE's model in Ollama."""
+    from ollama_ft.pipeline import BuildOptions
+    from ollama_ft.pipeline import build as run_build
+    from ollama_ft.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    console = _console()
+    reporter = RichReporter(console)
+    try:
+        result = run_build(loaded, BuildOptions(backend=backend, force=force, from_stage=from_stage,
+                                                runs_root=runs_dir, host=host, device="cpu" if cpu else "auto",
+                                                skip_eval=no_eval, reporter=reporter))
+    finally:
+        reporter.close()
+    if as_json:
+        _print_json({"run_dir": str(result.run_dir), "model": result.model_name, "host": result.host,
+                     "ran": result.ran, "skipped": result.skipped, "metrics": result.metrics})
+        return
+    m = result.metrics
+    train = m.get("train", {})
+    console.print()
+    console.print(f"[bold]Built[/] {result.model_name} in {result.run_dir}  "
+                  f"(ran {len(result.ran)} stage(s), skipped {len(result.skipped)})")
+    if train:
+        console.print(f"  train: {train.get('steps')} steps, final loss {train.get('final_loss', 0):.4f}, "
+                      f"{train.get('tokens_per_second', 0):.0f} tokens/s, backend {backend}")
+    q = m.get("quantize", {})
+    if q:
+        console.print(f"  gguf:  {q['gguf_path']} ({_size(q['size_bytes'])}, {q['quant_type']})")
+    console.print(f"  modelfile: {m.get('modelfile', {}).get('modelfile_path')}")
+    if "eval" in m:
+        console.print(f"  eval: pass rate {m['eval'].get('pass_rate', 0):.0%}  → {m['eval'].get('report_md')}")
+    console.print(f"\n  Chat with it:  [bold cyan]ollama run {result.model_name}[/]"
+                  + (f"   (OLLAMA_HOST={result.host})" if not result.host.endswith(":11434") else ""))
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--suite", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Eval suite (default: the bundled evals/turkish-core.toml).")
+@click.option("--baseline", help="Another Ollama model to compare against (per-category delta).")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--host", help="Ollama server (default: $OLLAMA_HOST, then 127.0.0.1:11434).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the Markdown and JSON reports (default: runs/eval/MODEL).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def eval_command(model: str, suite: Path | None, baseline: str | None, concurrency: int, host: str | None,
+                 out: Path | None, as_json: bool) -> None:
+    """Run an eval suite against MODEL (any model in the Ollama server)."""
+    from ollama_ft.eval_suite import load_suite
+    from ollama_ft.evaluate import compare_reports, evaluate_model, render_table, write_report
+    from ollama_ft.ollama_server import normalise_host
+
+    suite_path = suite or Path(__file__).resolve().parent.parent / "evals" / "turkish-core.toml"
+    loaded = load_suite(suite_path)
+    host = normalise_host(host)
+    console = _console()
+    reporter = RichReporter(console)
+    try:
+        report = evaluate_model(host, model, loaded, concurrency=concurrency,
+                                progress=lambda d, t: reporter.progress(model, d, t))
+        base_report = None
+        if baseline:
+            base_report = evaluate_model(host, baseline, loaded, concurrency=concurrency,
+                                         progress=lambda d, t: reporter.progress(baseline, d, t))
+    finally:
+        reporter.close()
+    out = out or Path("runs") / "eval" / model.replace("/", "_").replace(":", "_")
+    md, js = write_report(report, out, baseline=base_report)
+    if as_json:
+        data = report.model_dump()
+        if base_report is not None:
+            data["baseline"] = base_report.model_dump()
+            data["delta"] = compare_reports(report, base_report)
+        _print_json(data)
+        return
+    console.print(render_table(report, baseline=base_report))
+    console.print(f"reports: {md}  {js}")
+
+
+@main.command("install-ollama")
+def install_ollama_command() -> None:
+    """Build the pinned Ollama (v0.11.4) from its Go module into the cache; print its path."""
+    from ollama_ft.ollama_server import install_ollama
+
+    click.echo(install_ollama(lambda line: click.echo(line, err=True)))
+
+
+@main.command("tiny-base")
+@click.argument("shape", type=click.Choice(["llama", "llama-1b"]))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+def tiny_base(shape: str, out_dir: Path) -> None:
+    """Build a built-in tiny base model (deterministic) into OUT_DIR."""
+    from ollama_ft.tiny import build_tiny_base
+
+    click.echo(build_tiny_base(shape, out_dir))
+
+
+if __name__ == "__main__":
+    main()

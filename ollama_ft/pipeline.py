@@ -1,0 +1,372 @@
+"""The build pipeline: train → merge → convert → quantize → modelfile → register → smoke → eval.
+
+Each stage is a small module with a typed input and output; this file only decides what each
+stage gets, skips stages whose inputs did not change (their record's fingerprint matches), and
+keeps `metrics.json` up to date. A kill at any point costs only the unfinished stage.
+
+    from ollama_ft.recipe import load_recipe
+    from ollama_ft.pipeline import BuildOptions, build
+    result = build(load_recipe("recipes/tiny-demo.toml"), BuildOptions(backend="peft"))
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from ollama_ft.chat_templates import ChatFamily, render_jinja, resolve_family
+from ollama_ft.errors import OllamaFtError, UserInputError
+from ollama_ft.recipe import Recipe
+from ollama_ft.runs import RunDir, StageRecord, atomic_write_json, clean_partials, file_digest, fingerprint, tree_size
+
+STAGES = ("train", "merge", "convert", "quantize", "modelfile", "register", "smoke", "eval")
+
+
+class Reporter(Protocol):
+    def stage(self, name: str, status: str, detail: str = "") -> None: ...   # start | skip | done
+    def progress(self, name: str, done: int, total: int, detail: str = "") -> None: ...
+
+
+class NullReporter:
+    def stage(self, name: str, status: str, detail: str = "") -> None:
+        pass
+
+    def progress(self, name: str, done: int, total: int, detail: str = "") -> None:
+        pass
+
+
+@dataclass
+class BuildOptions:
+    backend: str = "peft"
+    variant: str | None = None            # run folder / Ollama tag; default: the backend's name
+    qlora: bool | None = None             # compare's "-qlora" variants force 4-bit loading
+    tag_model: bool = False               # compare: register as NAME:variant
+    force: bool = False                   # redo every stage; replace an Ollama model of the same name
+    from_stage: str | None = None         # redo this stage and every later one
+    runs_root: Path = Path("runs")
+    host: str | None = None               # overrides recipe and $OLLAMA_HOST
+    device: str = "auto"                  # "cpu" forces CPU training
+    launcher: list[str] | None = None     # e.g. accelerate launch for multi-GPU
+    skip_eval: bool = False
+    reporter: Reporter = field(default_factory=NullReporter)
+
+
+@dataclass
+class BuildResult:
+    run_dir: Path
+    model_name: str
+    host: str
+    ran: list[str]
+    skipped: list[str]
+    metrics: dict[str, Any]
+
+    @property
+    def gguf_path(self) -> Path:
+        return Path(self.metrics["quantize"]["gguf_path"])
+
+
+def variant_name(options: BuildOptions) -> str:
+    return options.variant or options.backend
+
+
+def ollama_model_name(recipe: Recipe, options: BuildOptions) -> str:
+    name = recipe.ollama.name
+    if options.tag_model:
+        name = name.split(":", 1)[0] + ":" + variant_name(options)
+    return name
+
+
+def base_model_path(recipe: Recipe, runs_root: Path) -> tuple[str, str]:
+    """(path or hub id to load, fingerprint of the base)."""
+    base = recipe.model.base
+    if recipe.is_tiny:
+        from ollama_ft.tiny import DEFAULT_CORPUS, base_key, ensure_tiny_base
+
+        path = ensure_tiny_base(base, runs_root / "_bases")
+        return str(path), f"{base}:{base_key(base.split(':', 1)[1], 0, DEFAULT_CORPUS)}"
+    if base.startswith((".", "/", "~")):
+        path = recipe.resolve(base)
+        return str(path), f"local:{path}:{(path / 'config.json').stat().st_mtime_ns}"
+    return base, f"hub:{base}"
+
+
+def tokenizer_template(base_path: str, trust_remote_code: bool) -> str | None:
+    """The base tokenizer's own chat template, read from its files (no transformers import)."""
+    folder = Path(base_path)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            folder = Path(hf_hub_download(base_path, "tokenizer_config.json")).parent
+        except Exception:
+            raise UserInputError(f"model.base = {base_path!r}: cannot read its tokenizer to detect the chat template",
+                                 "set model.chat_template to chatml, llama3, mistral, gemma or alpaca") from None
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def ensure_disk(folder: Path, need_bytes: int, stage: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if need_bytes * 1.1 > free:
+        raise OllamaFtError(f"{stage}: needs about {need_bytes / 2**30:.1f} GiB in {folder}, only "
+                            f"{free / 2**30:.1f} GiB free", "free some disk or use --runs-dir on a larger disk")
+
+
+class _Runner:
+    """Runs stages in order, skipping those whose record's fingerprint matches."""
+
+    def __init__(self, run: RunDir, options: BuildOptions):
+        self.run, self.options = run, options
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+        self.metrics: dict[str, Any] = {}
+
+    def stage(self, name: str, key: str, work: Callable[[], dict[str, Any]],
+              still_valid: Callable[[dict], bool] = lambda outputs: True) -> dict[str, Any]:
+        record = self.run.read_record(name)
+        if record and record.fingerprint == key and still_valid(record.outputs):
+            self.skipped.append(name)
+            self.options.reporter.stage(name, "skip")
+            self.metrics[name] = {**record.outputs, "seconds": record.seconds, "skipped": True}
+            return record.outputs
+        self.run.drop_records([name])
+        self.options.reporter.stage(name, "start")
+        start = time.perf_counter()
+        outputs = work()
+        seconds = time.perf_counter() - start
+        self.run.write_record(StageRecord(stage=name, fingerprint=key, outputs=outputs, seconds=seconds))
+        self.ran.append(name)
+        self.metrics[name] = {**outputs, "seconds": seconds, "skipped": False}
+        self.options.reporter.stage(name, "done", f"{seconds:.1f}s")
+        self.write_metrics()
+        return outputs
+
+    def write_metrics(self) -> None:
+        atomic_write_json(self.run.path("metrics.json"), self.metrics)
+
+
+def sample_texts(examples: list[dict], family: ChatFamily, count: int = 3) -> list[str]:
+    texts = []
+    for example in examples[:count]:
+        if example.get("messages"):
+            texts.append(render_jinja(family, example["messages"], add_generation_prompt=False))
+        elif example.get("text"):
+            texts.append(example["text"])
+    return texts
+
+
+def build(recipe: Recipe, options: BuildOptions | None = None) -> BuildResult:
+    """Run every stage for one backend; return what was done and the measured metrics."""
+    options = options or BuildOptions()
+    from ollama_ft.backends import check_backend_available
+
+    check_backend_available(options.backend)
+    if options.from_stage and options.from_stage not in STAGES:
+        raise UserInputError(f"--from {options.from_stage!r} is not a stage", f"choose one of: {', '.join(STAGES)}")
+    from ollama_ft.ollama_server import normalise_host
+
+    host = normalise_host(options.host or recipe.ollama.host)
+    name = ollama_model_name(recipe, options)
+    run = RunDir(Path(options.runs_root) / recipe.stem / variant_name(options))
+    with run.lock():
+        clean_partials(run.root)
+        if options.force:
+            run.drop_records(list(STAGES))
+        elif options.from_stage:
+            run.drop_records(list(STAGES[STAGES.index(options.from_stage):]))
+        runner = _Runner(run, options)
+        _build_stages(recipe, options, run, runner, host, name)
+        runner.metrics["build"] = {"recipe": str(recipe.path), "backend": options.backend,
+                                   "variant": variant_name(options), "model": name, "host": host,
+                                   "ran": runner.ran, "skipped": runner.skipped}
+        runner.write_metrics()
+    return BuildResult(run.root, name, host, runner.ran, runner.skipped, runner.metrics)
+
+
+def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _Runner, host: str, name: str) -> None:
+    from ollama_ft.data import load_data
+
+    data = load_data(recipe)   # checked before any model loads
+    base_path, base_fp = base_model_path(recipe, Path(options.runs_root))
+    family = resolve_family(recipe.model.chat_template,
+                            tokenizer_template(base_path, recipe.model.trust_remote_code)
+                            if recipe.model.chat_template == "auto" else None, recipe.model.base)
+    examples = [asdict(e) for e in data.train]
+    for e in examples:
+        e.pop("source", None)
+    validation = [{k: v for k, v in asdict(e).items() if k != "source"} for e in data.validation]
+    data_fp = fingerprint(examples, validation)
+    model_section = recipe.model.model_dump()
+    if options.qlora:
+        model_section["load_in_4bit"] = True
+    train_section = recipe.train.model_dump()
+    if options.qlora and train_section["method"] in ("lora", "dora"):
+        train_section["method"] = "qlora"
+    assistant_only = recipe.train.assistant_only_loss
+    if assistant_only is None:
+        assistant_only = data.format != "text"
+
+    # 1. train --------------------------------------------------------------------------------
+    train_key = fingerprint(base_fp, data_fp, model_section, train_section, family.jinja, options.backend,
+                            assistant_only, options.launcher)
+
+    def do_train() -> dict[str, Any]:
+        from ollama_ft.backends import TrainJob
+        from ollama_ft.train import TrainInput, train
+
+        work = run.path("train")
+        checkpoints = run.path("checkpoints")
+        marker = checkpoints / "FINGERPRINT"
+        if marker.is_file() and marker.read_text().strip() != train_key:
+            shutil.rmtree(checkpoints)  # checkpoints of different settings cannot be resumed
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        marker.write_text(train_key)
+        job = TrainJob(backend=options.backend, base_path=base_path, examples_path=str(work / "examples.jsonl"),
+                       validation_path=str(work / "validation.jsonl") if validation else None,
+                       chat_jinja=family.jinja, output_dir=str(run.path("trained")), checkpoint_dir=str(checkpoints),
+                       model=model_section, train=train_section, assistant_only_loss=assistant_only,
+                       log_path=str(run.path("train.log")), device=options.device)
+
+        def on_event(event: dict) -> None:
+            if event.get("event") in ("step", "log") and event.get("total_steps"):
+                loss = f"loss {event['loss']:.3f}" if "loss" in event else ""
+                options.reporter.progress("train", event["step"], event["total_steps"], loss)
+
+        result = train(TrainInput(job, examples, validation or None, work, options.launcher), on_event)
+        out = asdict(result)
+        out["data"] = data.summary()
+        out["family"] = family.name
+        out["trained_size_bytes"] = tree_size(Path(result.output_dir))
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the finished output supersedes them
+        return out
+
+    trained = runner.stage("train", train_key, do_train, lambda o: Path(o["output_dir"]).exists())
+
+    # 2. merge --------------------------------------------------------------------------------
+    samples = sample_texts(examples, family)
+    merge_key = fingerprint(train_key, "merge-v1")
+
+    def do_merge() -> dict[str, Any]:
+        from ollama_ft.merge import MergeInput, merge_adapter
+
+        ensure_disk(run.root, trained["total_parameters"] * 4 if trained["kind"] == "adapter" else
+                    trained["trained_size_bytes"], "merge")
+        out = merge_adapter(MergeInput(Path(base_path), Path(trained["output_dir"]), trained["kind"], family.jinja,
+                                       samples, run.path("merged"), recipe.model.trust_remote_code))
+        return {"merged_path": str(out.merged_path), "max_abs_logit_diff": out.max_abs_logit_diff,
+                "tolerance": out.tolerance, "dtype": out.dtype, "size_bytes": tree_size(out.merged_path)}
+
+    merged = runner.stage("merge", merge_key, do_merge, lambda o: Path(o["merged_path"]).exists())
+
+    # 3. convert ------------------------------------------------------------------------------
+    convert_key = fingerprint(merge_key, recipe.export.logits_tolerance, "convert-v1")
+
+    def do_convert() -> dict[str, Any]:
+        from ollama_ft.convert import ConvertInput, convert_to_gguf
+
+        ensure_disk(run.root, merged["size_bytes"], "convert")
+        out = convert_to_gguf(ConvertInput(Path(merged["merged_path"]), run.path("model-f16.gguf"), samples,
+                                           recipe.export.logits_tolerance, run.path("convert.log")))
+        return {"gguf_path": str(out.gguf_path), "size_bytes": out.size_bytes,
+                "max_rel_logit_diff": out.max_rel_logit_diff, "top1_agreement": out.top1_agreement}
+
+    f16 = runner.stage("convert", convert_key, do_convert, lambda o: Path(o["gguf_path"]).exists())
+
+    # 4. quantize -----------------------------------------------------------------------------
+    quant = recipe.export.quantization
+    quant_key = fingerprint(convert_key, quant)
+
+    def do_quantize() -> dict[str, Any]:
+        from ollama_ft.quantize import QuantizeInput, quantize_gguf
+
+        ensure_disk(run.root, f16["size_bytes"], "quantize")
+        out = quantize_gguf(QuantizeInput(Path(f16["gguf_path"]), run.path(f"model-{quant}.gguf"), quant))
+        return {"gguf_path": str(out.gguf_path), "size_bytes": out.size_bytes, "file_type": out.file_type,
+                "quant_type": out.file_type_name, "tensor_types": out.tensor_types,
+                "sha256": file_digest(out.gguf_path)}
+
+    quantized = runner.stage("quantize", quant_key, do_quantize, lambda o: Path(o["gguf_path"]).exists())
+    if not recipe.export.keep_f16 and quant != "f16":
+        Path(f16["gguf_path"]).unlink(missing_ok=True)
+
+    # 5. modelfile ----------------------------------------------------------------------------
+    from ollama_ft.modelfile import ModelfileSpec, write_modelfile
+
+    parameters: dict[str, Any] = {"num_ctx": recipe.model.max_seq_length, **recipe.ollama.parameters}
+    spec = ModelfileSpec(gguf_path=Path(quantized["gguf_path"]),
+                         template=recipe.ollama.template or family.go_template, stops=list(family.stop),
+                         system=recipe.ollama.system if recipe.ollama.system is not None else recipe.data.system_prompt,
+                         parameters=parameters)
+    modelfile_key = fingerprint(quant_key, quantized["sha256"], spec.template, spec.stops, spec.system, parameters)
+    runner.stage("modelfile", modelfile_key,
+                 lambda: {"modelfile_path": str(write_modelfile(spec, run.path("Modelfile")))},
+                 lambda o: Path(o["modelfile_path"]).exists())
+
+    # 6. register -----------------------------------------------------------------------------
+    from ollama_ft.ollama_server import client_for, ollama_call
+    from ollama_ft.register import RegisterInput, model_exists, register_model
+
+    register_key = fingerprint(modelfile_key, name, host)
+    previous = run.read_record("register")
+    # A model this run folder registered before is ours to replace; anyone else's needs --force.
+    owned = previous is not None and previous.outputs.get("name") == name and previous.outputs.get("host") == host
+
+    def do_register() -> dict[str, Any]:
+        out = register_model(RegisterInput(name, host, spec, force=options.force or owned,
+                                           expected_digest=quantized["sha256"]))
+        return {"name": out.name, "host": out.host, "blob_digest": out.blob_digest, "replaced": out.replaced,
+                "command": f"ollama run {name}"}
+
+    def still_registered(outputs: dict) -> bool:
+        client = client_for(host)
+        return ollama_call(host, lambda: model_exists(client, name))
+
+    runner.stage("register", register_key, do_register, still_registered)
+
+    # 7. smoke --------------------------------------------------------------------------------
+    from ollama_ft.smoke import SmokeInput, smoke_test
+
+    first = next((e for e in examples if e.get("messages")), None)
+    prompt = [m for m in first["messages"] if m["role"] != "assistant"][:2] if first else \
+        [{"role": "user", "content": "Merhaba!"}]
+    if prompt[-1]["role"] != "user":
+        prompt.append({"role": "user", "content": "Merhaba!"})
+    smoke_key = fingerprint(register_key, prompt)
+    runner.stage("smoke", smoke_key, lambda: asdict(smoke_test(SmokeInput(name, host, prompt))))
+
+    # 8. eval ---------------------------------------------------------------------------------
+    if recipe.eval.suite and not options.skip_eval:
+        suite_path = recipe.resolve(recipe.eval.suite)
+        eval_key = fingerprint(smoke_key, file_digest(suite_path), recipe.eval.concurrency)
+
+        def do_eval() -> dict[str, Any]:
+            from ollama_ft.eval_suite import load_suite
+            from ollama_ft.evaluate import evaluate_model, write_report
+
+            def progress(done: int, total: int) -> None:
+                options.reporter.progress("eval", done, total)
+
+            report = evaluate_model(host, name, load_suite(suite_path), concurrency=recipe.eval.concurrency,
+                                    progress=progress)
+            md, js = write_report(report, run.path("eval"))
+            return {"report_md": str(md), "report_json": str(js), **eval_summary(report)}
+
+        runner.stage("eval", eval_key, do_eval, lambda o: Path(o["report_json"]).exists())
+
+
+def eval_summary(report) -> dict[str, Any]:
+    """The few eval figures that metrics.json and compare need (the full report is its own file)."""
+    data = report.model_dump() if hasattr(report, "model_dump") else dict(report)
+    keep = ("pass_rate", "held_in_pass_rate", "held_out_pass_rate", "by_category", "tokens_per_second")
+    return {k: data[k] for k in keep if k in data}

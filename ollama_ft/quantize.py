@@ -1,0 +1,77 @@
+"""Stage 4, quantize: F16 GGUF → Q4_K_M (or another llama.cpp type) through llama-cpp-python.
+
+The output's type is read back from its own GGUF metadata (`general.file_type`), not assumed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ollama_ft.errors import MissingDependencyError, StageError
+from ollama_ft.runs import atomic_output
+
+
+@dataclass
+class QuantizeInput:
+    f16_path: Path
+    out_file: Path
+    quant_type: str          # "q4_k_m", "q8_0", "f16", …
+    threads: int = 0         # 0: llama.cpp picks
+
+
+@dataclass
+class QuantizeOutput:
+    gguf_path: Path
+    size_bytes: int
+    file_type: int
+    file_type_name: str
+    tensor_types: dict[str, int] = field(default_factory=dict)
+
+
+def ftype_for(quant_type: str) -> int:
+    import llama_cpp
+
+    name = "LLAMA_FTYPE_ALL_F32" if quant_type == "f32" else f"LLAMA_FTYPE_MOSTLY_{quant_type.upper()}"
+    value = getattr(llama_cpp, name, None)
+    if value is None:
+        raise StageError(f"export.quantization = {quant_type!r} is not offered by this llama.cpp build")
+    return int(value)
+
+
+def read_gguf_types(path: Path) -> tuple[int, dict[str, int]]:
+    """(general.file_type, count of tensors per ggml type) from a GGUF file's own metadata."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    field_ = reader.fields["general.file_type"]
+    file_type = int(field_.parts[field_.data[0]][0])
+    counts = Counter(t.tensor_type.name for t in reader.tensors)
+    return file_type, dict(sorted(counts.items()))
+
+
+def quantize_gguf(inp: QuantizeInput) -> QuantizeOutput:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MissingDependencyError("quantizing needs llama-cpp-python", "pip install llama-cpp-python") from None
+
+    want = ftype_for(inp.quant_type)
+    with atomic_output(inp.out_file) as tmp:
+        if inp.quant_type == "f16":
+            shutil.copyfile(inp.f16_path, tmp)  # already that type
+        else:
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = want
+            params.nthread = inp.threads
+            code = llama_cpp.llama_model_quantize(str(inp.f16_path).encode(), str(tmp).encode(), params)
+            if code != 0 or not tmp.exists():
+                hint = ("IQ1/IQ2 types need an importance matrix; choose q4_k_m, q5_k_m, q6_k or q8_0"
+                        if inp.quant_type.startswith(("iq1", "iq2")) else "see the llama.cpp message above")
+                raise StageError(f"llama.cpp could not quantize to {inp.quant_type} (code {code})", hint)
+        file_type, tensor_types = read_gguf_types(tmp)
+    if file_type != want:
+        raise StageError(f"quantized file reports file_type {file_type}, expected {want} ({inp.quant_type})")
+    return QuantizeOutput(inp.out_file, inp.out_file.stat().st_size, file_type, inp.quant_type, tensor_types)

@@ -1,0 +1,295 @@
+"""The recipe: one TOML file that says what to fine-tune, on what, and how to ship it.
+
+`load_recipe(path)` parses and validates the whole file before any heavy work starts. Every
+problem is collected and reported at once, each with its field path, the bad value and what is
+allowed; unknown keys are rejected with the nearest valid name. Relative paths resolve against
+the recipe's folder. Each field is documented where it is declared; `recipes/tiny-demo.toml` is a
+commented example of all of them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ollama_ft.errors import RecipeError
+
+# Names of llama.cpp quantization types (`llama-quantize --help`), lower-case as users write them.
+# quantize.py maps each to llama.cpp's LLAMA_FTYPE_MOSTLY_* value; a test checks they all exist.
+QUANT_TYPES = (
+    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+    "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+    "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m", "iq1_s", "iq1_m",
+    "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
+)
+CHAT_TEMPLATES = ("auto", "chatml", "llama3", "mistral", "gemma", "alpaca")
+ADAPTER_METHODS = ("lora", "qlora", "dora")
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+TRAIN_METHODS = (*ADAPTER_METHODS, "full", *PROMPT_METHODS)
+TINY_PREFIX = "tiny:"
+TINY_SHAPES = ("llama", "llama-1b")
+
+# Ollama's own rule (types/model/name.go): each part starts with a letter, digit or "_",
+# then letters, digits, "_", "-", "."; at most 80 characters; optional ":tag" of the same kind.
+_OLLAMA_PART = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,79}"
+OLLAMA_NAME_RE = re.compile(rf"^(?:{_OLLAMA_PART}/)?{_OLLAMA_PART}(?::[A-Za-z0-9_][A-Za-z0-9_.\-]{{0,79}})?$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(_Section):
+    base: str = Field(description="Hub id (`Qwen/Qwen2.5-0.5B-Instruct`), a local folder, or a built-in "
+                      "tiny base: `tiny:llama` (a few million parameters, CPU-friendly) or `tiny:llama-1b` "
+                      "(Llama-3.2-1B's shape, random weights; for GPU benchmarks).")
+    chat_template: Literal[CHAT_TEMPLATES] = Field("auto", description="`auto` reads the tokenizer's own "
+                      "template and matches it to a family; or name one: chatml, llama3, mistral, gemma, alpaca.")
+    max_seq_length: int = Field(1024, ge=16, le=262144, description="Longest training example in tokens; "
+                      "also the Ollama `num_ctx` unless [ollama.parameters] sets it.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights' dtype "
+                      "while training; `auto` = bfloat16 on a GPU that supports it, else float32.")
+    load_in_4bit: bool = Field(False, description="Load the frozen base in 4-bit NF4 (QLoRA). Needs a CUDA GPU.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a hub model. Off unless you trust it.")
+
+
+class DataSection(_Section):
+    train: list[str] = Field(description="Training file(s): .jsonl, .json, .csv, .parquet, or a hub dataset id.")
+    format: Literal["auto", "messages", "alpaca", "text"] = Field("auto", description="`messages` (chat turns), "
+                      "`alpaca` (instruction/input/output) or `text`; `auto` detects it from the first record.")
+    validation: str | None = Field(None, description="Optional validation file (same formats).")
+    validation_split: float = Field(0.0, ge=0.0, lt=0.5, description="Hold out this fraction of the training "
+                      "records for validation when no validation file is given.")
+    system_prompt: str | None = Field(None, description="System prompt added to records that have none.")
+    on_bad_record: Literal["error", "skip"] = Field("error", description="`error` stops at the first bad record "
+                      "(file and line named); `skip` drops bad records and reports how many.")
+    max_examples: int | None = Field(None, ge=1, description="Use only the first N records (quick trials).")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class TrainSection(_Section):
+    method: Literal[TRAIN_METHODS] = Field("lora", description="lora | qlora (4-bit base) | dora | full; the "
+                      "prompt-tuning methods train but cannot be exported to GGUF.")
+    rank: int = Field(16, ge=1, le=4096, description="LoRA rank r: adapter capacity (8–64 typical).")
+    alpha: float = Field(32, gt=0, description="LoRA scaling alpha; the update is scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters: "
+                      "`all-linear` or a list such as [\"q_proj\", \"v_proj\"].")
+    num_virtual_tokens: int = Field(20, ge=1, description="Soft-prompt length for the prompt-tuning methods.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field("adamw_torch",
+                      description="adamw_8bit saves optimizer memory on a GPU (bitsandbytes).")
+    batch_size: int = Field(4, ge=1, description="Examples per device per step.")
+    gradient_accumulation: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
+    seed: int = Field(42, ge=0, description="Seeds weights' init, data order and dropout; same seed, same order.")
+    packing: bool = Field(False, description="Pack several examples per sequence (no padding).")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations: less memory, ~30% slower.")
+    assistant_only_loss: bool | None = Field(None, description="Loss only on the assistant's turns; "
+                      "default: on for chat data, off for plain text.")
+    logging_steps: int = Field(5, ge=1)
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps; an interrupted run resumes there.")
+    report_to: Literal["none", "tensorboard"] = Field("none", description="Also log metrics to TensorBoard.")
+
+
+class ExportSection(_Section):
+    quantization: str = Field("q4_k_m", description="llama.cpp quant type: q4_k_m (default), q5_k_m, q8_0, "
+                      "f16, … any type llama.cpp's quantizer offers.")
+    keep_f16: bool = Field(True, description="Keep the F16 GGUF after quantizing (it is needed for requantizing).")
+    logits_tolerance: float = Field(0.05, gt=0, description="Largest allowed max-abs difference between the "
+                      "F16 GGUF's next-token logits and the merged model's, relative to the logits' range.")
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_quant(cls, value: str) -> str:
+        low = value.lower()
+        if low not in QUANT_TYPES:
+            near = difflib.get_close_matches(low, QUANT_TYPES, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"{hint}llama.cpp offers: {', '.join(QUANT_TYPES)}")
+        return low
+
+
+class OllamaSection(_Section):
+    name: str = Field(description="Model name in Ollama, e.g. `tr-assistant` or `me/tr-assistant:v1`.")
+    host: str | None = Field(None, description="Ollama server; default $OLLAMA_HOST or http://127.0.0.1:11434.")
+    system: str | None = Field(None, description="SYSTEM prompt baked into the model (default: data.system_prompt).")
+    parameters: dict[str, int | float | str | bool | list[str]] = Field(default_factory=dict,
+                      description="Ollama PARAMETERs (temperature, top_p, num_ctx, …); stop tokens are added "
+                      "from the chat template.")
+    template: str | None = Field(None, description="Go TEMPLATE override; default: generated from the chat template.")
+
+    @field_validator("name")
+    @classmethod
+    def _ollama_name(cls, value: str) -> str:
+        if not OLLAMA_NAME_RE.match(value):
+            raise ValueError("Ollama names are [namespace/]model[:tag], each part starting with a letter, digit "
+                             "or '_', then letters, digits, '_', '-', '.', at most 80 characters")
+        return value
+
+
+class EvalSection(_Section):
+    suite: str | None = Field(None, description="Eval suite (TOML) run through Ollama after registering.")
+    baseline: bool = Field(False, description="Also evaluate the untrained base (exported the same way, "
+                      "tag `:base`) and report the per-category delta.")
+    concurrency: int = Field(2, ge=1, le=64)
+
+
+class Recipe(_Section):
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = TrainSection()
+    export: ExportSection = ExportSection()
+    ollama: OllamaSection
+    eval: EvalSection = EvalSection()
+    # Set by load_recipe, not by the file.
+    path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        problems = []
+        if self.model.load_in_4bit and self.train.method == "full":
+            problems.append("model.load_in_4bit = true with train.method = 'full': 4-bit weights cannot be "
+                            "trained directly; use method = 'qlora' or set load_in_4bit = false")
+        if self.train.method == "qlora" and not self.model.load_in_4bit:
+            # QLoRA means a 4-bit base; say so rather than silently training 16-bit LoRA.
+            problems.append("train.method = 'qlora' needs model.load_in_4bit = true (or use method = 'lora')")
+        if self.train.method in PROMPT_METHODS:
+            problems.append(f"train.method = {self.train.method!r}: soft prompts have no GGUF form, so the model "
+                            "cannot be exported to Ollama; use lora, qlora, dora or full")
+        for key, value in self.ollama.parameters.items():
+            if key == "stop":
+                continue
+            if isinstance(value, list):
+                problems.append(f"ollama.parameters.{key}: only 'stop' takes a list")
+        if problems:
+            raise ValueError(" | ".join(problems))
+        return self
+
+    # Paths ---------------------------------------------------------------------------------------
+    @property
+    def folder(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+    def resolve(self, value: str) -> Path:
+        """A path from the recipe, relative to the recipe's folder."""
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self.folder / p)
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model.base.startswith(TINY_PREFIX)
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem if self.path else "recipe"
+
+
+def _nearest(key: str, allowed: list[str]) -> str:
+    near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+    return f"; did you mean {near[0]!r}?" if near else f"; allowed: {', '.join(allowed)}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at `loc` (the parent of an unknown key)."""
+    current: Any = model
+    for part in loc:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        current = field.annotation
+    return [n for n in current.model_fields if n != "path"]
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key{_nearest(str(loc[-1]), _allowed_keys(Recipe, loc[:-1]))}"
+    if kind == "missing":
+        return f"{where}: required, but missing"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{…}"
+    if len(shown) > 60:
+        shown = shown[:57] + "…"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where} = {shown}: {msg}"
+
+
+def check_recipe_files(recipe: Recipe) -> list[str]:
+    """Files the recipe names that are missing or unreadable (hub ids are left to load time)."""
+    problems = []
+    candidates = [("data.train", t) for t in recipe.data.train]
+    if recipe.data.validation:
+        candidates.append(("data.validation", recipe.data.validation))
+    if recipe.eval.suite:
+        candidates.append(("eval.suite", recipe.eval.suite))
+    for field, value in candidates:
+        path = recipe.resolve(value)
+        looks_local = path.suffix.lower() in {".jsonl", ".json", ".csv", ".parquet", ".toml"} or value.startswith((".", "/", "~"))
+        if not looks_local:
+            continue  # a hub dataset id such as "org/name"
+        if not path.is_file():
+            problems.append(f"{field} = {value!r}: no such file ({path}); paths are relative to the recipe's folder")
+        elif not os.access(path, os.R_OK):
+            problems.append(f"{field} = {value!r}: file is not readable ({path})")
+    base = recipe.model.base
+    if base.startswith(TINY_PREFIX):
+        if base[len(TINY_PREFIX):] not in TINY_SHAPES:
+            problems.append(f"model.base = {base!r}: unknown tiny base; choose one of "
+                            + ", ".join(TINY_PREFIX + s for s in TINY_SHAPES))
+    elif base.startswith((".", "/", "~")) and not recipe.resolve(base).is_dir():
+        problems.append(f"model.base = {base!r}: no such folder ({recipe.resolve(base)})")
+    return problems
+
+
+def parse_recipe(text: str, path: Path | str = "recipe.toml", *, check_files: bool = True) -> Recipe:
+    """Validate recipe TOML text; raise RecipeError listing every problem found."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(str(path), [f"not valid TOML: {exc}"]) from None
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            if err["type"] == "value_error" and not err["loc"]:
+                problems.extend(p.strip() for p in err["msg"].removeprefix("Value error, ").split(" | "))
+            else:
+                problems.append(_format_error(err))
+        raise RecipeError(str(path), problems) from None
+    recipe.path = path.resolve()
+    if check_files:
+        problems = check_recipe_files(recipe)
+        if problems:
+            raise RecipeError(str(path), problems)
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, *, check_files: bool = True) -> Recipe:
+    """Read and validate a recipe file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(str(path), ["no such file; pass the path of a .toml recipe (see recipes/)"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(str(path), [f"cannot read: {exc}"]) from None
+    return parse_recipe(text, path, check_files=check_files)

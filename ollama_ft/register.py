@@ -1,0 +1,65 @@
+"""Stage 6, register: upload the GGUF as a blob and create the model in Ollama.
+
+Uses the official `ollama` client (blob upload, then create with template, system and
+parameters). An existing model with the same name is never replaced without `force`; with it,
+Ollama keeps the old model until the new manifest is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ollama_ft.errors import OllamaError
+from ollama_ft.modelfile import ModelfileSpec, parameter_lines
+from ollama_ft.ollama_server import client_for, ollama_call
+
+
+@dataclass
+class RegisterInput:
+    name: str
+    host: str
+    spec: ModelfileSpec
+    force: bool = False
+    expected_digest: str | None = None   # sha256 of the GGUF, known from the quantize stage
+
+
+@dataclass
+class RegisterOutput:
+    name: str
+    host: str
+    blob_digest: str
+    replaced: bool
+
+
+def model_exists(client, name: str) -> bool:
+    import ollama
+
+    try:
+        client.show(name)
+        return True
+    except ollama.ResponseError as exc:
+        if exc.status_code == 404:
+            return False
+        raise
+
+
+def register_model(inp: RegisterInput) -> RegisterOutput:
+    client = client_for(inp.host)
+    exists = ollama_call(inp.host, lambda: model_exists(client, inp.name))
+    if exists and not inp.force:
+        raise OllamaError(f"a model named {inp.name!r} already exists in Ollama at {inp.host}",
+                          "pass --force to replace it, or set ollama.name to another name")
+    digest = ollama_call(inp.host, lambda: client.create_blob(inp.spec.gguf_path))
+    if inp.expected_digest and digest != f"sha256:{inp.expected_digest}":
+        raise OllamaError(f"uploaded blob digest {digest} does not match the GGUF ({inp.expected_digest})")
+    params: dict[str, object] = {}
+    for key, value in parameter_lines(inp.spec):
+        if key == "stop":
+            params.setdefault("stop", []).append(value)  # type: ignore[union-attr]
+        else:
+            params[key] = value
+    ollama_call(inp.host, lambda: client.create(
+        model=inp.name, files={Path(inp.spec.gguf_path).name: digest}, template=inp.spec.template,
+        system=inp.spec.system or None, parameters=params, stream=False))
+    return RegisterOutput(inp.name, inp.host, digest, replaced=exists)
