@@ -1,0 +1,36 @@
+"""The CLI starts instantly: importing it must not import torch or transformers."""
+
+import subprocess
+import sys
+import time
+
+from ollama_ft import __version__
+
+
+def test_cli_import_does_not_import_torch():
+    code = "import sys, ollama_ft.cli; print(sorted(m for m in ('torch', 'transformers', 'unsloth', 'trl') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_help_and_version_work_and_are_quick():
+    start = time.perf_counter()
+    help_out = subprocess.run([sys.executable, "-m", "ollama_ft.cli", "--help"], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    assert help_out.returncode == 0
+    for command in ("build", "compare", "eval"):
+        assert command in help_out.stdout
+    version = subprocess.run([sys.executable, "-m", "ollama_ft.cli", "--version"], capture_output=True, text=True)
+    assert version.stdout.strip() == f"ollama-ft, version {__version__}"
+    # Generous bound for a loaded 2-core CI machine; the benchmark measures the real figure.
+    assert elapsed < 5, elapsed
+
+
+def test_library_error_is_one_line_with_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nbase = 'tiny:llama'\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "ollama_ft.cli", "build", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ")
+    assert "data: required, but missing" in out.stderr and "ollama: required, but missing" in out.stderr
+    assert "Traceback" not in out.stderr
