@@ -1,0 +1,269 @@
+"""Estimate, before any heavy work, how much memory training a recipe needs and how much disk the build writes.
+
+    from ollama_ft.estimate import estimate_memory, render_estimate
+    est = estimate_memory(load_recipe("recipes/tiny-demo.toml"), device_bytes=16 * 2**30)
+
+The shape comes from the base's `config.json` (or `tiny.SHAPES`), never from loading weights, so
+this runs in milliseconds without torch. The model is a Llama-style decoder: embedding, per layer
+q/k/v/o attention (grouped-query) and a gated MLP (gate/up/down) with two RMSNorms, a final norm,
+and an LM head unless tied. The figures are the usual accounting (ZeRO paper for optimizer state,
+Korthikanti et al. 2022 for activations), adapted to that shape; `tests/test_estimate.py` checks
+them against a real CPU training run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ollama_ft.errors import UserInputError
+from ollama_ft.recipe import TINY_PREFIX, Recipe
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+# llama.cpp bits per weight, whole-model averages as `llama-quantize` reports them for 7B Llamas.
+BITS_PER_WEIGHT = {
+    "f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.55, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0,
+    "q2_k": 3.0, "q2_k_s": 2.9, "q3_k_s": 3.5, "q3_k_m": 3.9, "q3_k_l": 4.3, "q4_k_s": 4.6, "q4_k_m": 4.85,
+    "q5_k_s": 5.5, "q5_k_m": 5.7, "q6_k": 6.6, "iq2_xxs": 2.06, "iq2_xs": 2.31, "iq2_s": 2.5, "iq2_m": 2.7,
+    "iq3_xxs": 3.06, "iq3_xs": 3.3, "iq3_s": 3.44, "iq3_m": 3.66, "iq1_s": 1.56, "iq1_m": 1.75,
+    "iq4_nl": 4.5, "iq4_xs": 4.25, "tq1_0": 1.69, "tq2_0": 2.06,
+}
+NF4_BYTES = 0.5625          # 4 bits + an fp32 absmax per 64 weights, itself double-quantized: ~4.5 bits
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+FIT_HEADROOM = 0.9          # leave 10% of the device to the allocator, the runtime and fragmentation
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tied: bool
+
+    def linear_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer in one decoder layer."""
+        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.linear_dims().values())
+
+    def embedding_params(self) -> int:
+        """Input embedding plus the LM head when it is a separate matrix."""
+        return self.vocab_size * self.hidden_size * (1 if self.tied else 2)
+
+    def parameters(self) -> int:
+        per_layer = self.layer_linear_params() + 2 * self.hidden_size       # + input and post-attention RMSNorm
+        return self.embedding_params() + self.num_layers * per_layer + self.hidden_size  # + final norm
+
+
+@dataclass
+class Estimate:
+    base: str
+    parameters: int
+    trainable_parameters: int
+    breakdown: dict[str, int]             # memory while training, bytes
+    disk_breakdown: dict[str, int]        # files the build writes, bytes
+    total_bytes: int
+    disk_bytes: int
+    device_bytes: int | None = None
+    fits: bool | None = None
+    warning: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def shape_from_config(config: dict) -> ModelShape:
+    """A Llama-style shape from a Hugging Face `config.json` (multimodal ones: their `text_config`)."""
+    cfg = config.get("text_config") or config
+    try:
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        return ModelShape(vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
+                          intermediate_size=int(cfg["intermediate_size"]), num_layers=int(cfg["num_hidden_layers"]),
+                          num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                          head_dim=int(cfg.get("head_dim") or hidden // heads),
+                          tied=bool(config.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))))
+    except KeyError as exc:
+        raise UserInputError(f"config.json has no {exc.args[0]!r}: not a Llama-style decoder this estimate knows",
+                             "estimate a Llama, Qwen, Mistral or Gemma style model") from None
+
+
+def base_shape(recipe: Recipe) -> ModelShape:
+    """The base's shape: built-in tiny, a local folder's config.json, or the Hugging Face cache."""
+    base = recipe.model.base
+    if base.startswith(TINY_PREFIX):
+        from ollama_ft.tiny import SHAPES
+
+        name = base[len(TINY_PREFIX):]
+        if name not in SHAPES:
+            raise UserInputError(f"model.base = {base!r}: unknown tiny base",
+                                 "choose one of: " + ", ".join(TINY_PREFIX + s for s in SHAPES))
+        s = SHAPES[name]
+        return ModelShape(s.vocab_size, s.hidden_size, s.intermediate_size, s.num_hidden_layers,
+                          s.num_attention_heads, s.num_key_value_heads, s.hidden_size // s.num_attention_heads,
+                          s.tie_word_embeddings)
+    if base.startswith((".", "/", "~")):  # the pipeline's rule for a local folder (else a hub id)
+        config_path = recipe.resolve(base) / "config.json"
+        if not config_path.is_file():
+            raise UserInputError(f"model.base = {base!r}: {config_path} is missing", "point it at a model folder")
+    else:
+        config_path = _cached_hub_config(base)
+        if config_path is None:
+            raise UserInputError(f"model.base = {base!r}: its config.json is not in the Hugging Face cache",
+                                 "download the model and pass its local folder, or run a build once first")
+    return shape_from_config(json.loads(config_path.read_text(encoding="utf-8")))
+
+
+def _cached_hub_config(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found) if isinstance(found, str) else None  # else None or a "known missing" marker
+
+
+def _targets(recipe: Recipe) -> list[str]:
+    wanted = recipe.train.target_modules
+    return list(LLAMA_LINEARS) if wanted == "all-linear" else [t for t in wanted if t in LLAMA_LINEARS]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None) -> Estimate:
+    """Memory to train `recipe` (weights, gradients, optimizer, activations) and disk the build writes."""
+    shape, t, m = base_shape(recipe), recipe.train, recipe.model
+    params, h, layers = shape.parameters(), shape.hidden_size, shape.num_layers
+    notes: list[str] = []
+    # `auto` is bfloat16 on a capable GPU, float32 on a CPU; estimate for the GPU, where memory is scarce.
+    wide = m.dtype == "float32"
+    if m.dtype == "auto":
+        notes.append("dtype 'auto' estimated as bfloat16 (a GPU); on a CPU it trains in float32, ~2x the memory")
+    wbytes = 4 if wide else 2
+    eight_bit = t.optimizer in EIGHT_BIT_OPTIMIZERS
+    # Adam keeps m and v (fp32, or 1 byte each with bitsandbytes' 8-bit Adam); plain SGD keeps nothing.
+    moments = 0 if t.optimizer == "sgd" else (2 if eight_bit else 8)
+
+    if t.method == "full":
+        trainable = params
+        weights, grads = wbytes * params, wbytes * params
+        # Mixed precision keeps an fp32 master copy beside the 16-bit weights: 2+2+12 = 16 bytes/param
+        # with fp32 Adam, the same 16 as fp32 training's 4+4+8.
+        optimizer = (moments + (0 if wide else 4)) * params
+    else:
+        dims = shape.linear_dims()
+        targets = _targets(recipe)
+        if not targets:
+            notes.append("no target module matches a Llama linear layer; adapters estimated as empty")
+        per_layer = sum(t.rank * (dims[n][0] + dims[n][1]) + (dims[n][1] if t.method == "dora" else 0)
+                        for n in targets)  # DoRA adds a magnitude vector per output feature
+        trainable = per_layer * layers
+        frozen_linear = layers * shape.layer_linear_params()
+        rest = params - frozen_linear  # embeddings, LM head and norms stay 16-bit under bitsandbytes
+        weights = int(NF4_BYTES * frozen_linear) + wbytes * rest if m.load_in_4bit else wbytes * params
+        # Adapters train in fp32 whatever the base's dtype: weight + grad (+ m + v) per parameter.
+        weights += 4 * trainable
+        grads = 4 * trainable
+        optimizer = moments * trainable
+
+    tokens = t.batch_size * m.max_seq_length
+    # Bytes kept for backward per token per layer, 16-bit: attention 8h + 6·kv (norm output, q/k/v,
+    # rotated q/k, attention output; SDPA keeps no seq² matrix), gated MLP 2h + 8·I (input, gate, up,
+    # silu(gate), product) and 4h for the two RMSNorms. That is ~41h for tiny:llama, ~48h for
+    # Llama-3.2-1B, the analogue of Korthikanti et al.'s 34h for a GPT block. Double it for fp32.
+    kv = shape.num_kv_heads * shape.head_dim
+    per_token_layer = (wbytes // 2) * (14 * h + 8 * shape.intermediate_size + 6 * kv)
+    if t.gradient_checkpointing:
+        # Only each layer's input (h values) is kept; one layer at a time is recomputed during backward.
+        activations = tokens * (layers * wbytes * h + per_token_layer)
+    else:
+        activations = tokens * layers * per_token_layer
+    # The loss upcasts logits to fp32, and cross-entropy keeps a log-softmax of the same size.
+    logits = 2 * tokens * shape.vocab_size * 4
+    breakdown = {"weights": weights, "gradients": grads, "optimizer": optimizer,
+                 "activations": activations, "logits": logits}
+    total = sum(breakdown.values())
+
+    disk = _disk(recipe, params, trainable, wbytes, optimizer)
+    est = Estimate(base=recipe.model.base, parameters=params, trainable_parameters=trainable, breakdown=breakdown,
+                   disk_breakdown=disk, total_bytes=total, disk_bytes=sum(disk.values()), device_bytes=device_bytes,
+                   notes=notes)
+    if device_bytes is not None:
+        est.fits = total <= FIT_HEADROOM * device_bytes
+        if not est.fits:
+            est.warning = (f"training needs about {_size(total)} but the device has {_size(device_bytes)}; "
+                           + _advice(recipe, breakdown))
+    return est
+
+
+def _disk(recipe: Recipe, params: int, trainable: int, wbytes: int, optimizer: int) -> dict[str, int]:
+    """Bytes of each output the build keeps (checkpoints are deleted once training ends, but count at peak)."""
+    t = recipe.train
+    saved = wbytes * params if t.method == "full" else 4 * trainable
+    merged_bytes = 4 if recipe.model.dtype == "float32" else 2  # the merge keeps the base's dtype, 16-bit for 4-bit bases
+    quant = recipe.export.quantization
+    disk = {"checkpoints (2 kept)": 2 * (saved + optimizer), "trained": saved,
+            "merged": merged_bytes * params, "F16 GGUF": 2 * params}
+    if quant != "f16":
+        disk[f"{quant.upper()} GGUF"] = int(params * BITS_PER_WEIGHT[quant] / 8)
+    return disk
+
+
+def _advice(recipe: Recipe, breakdown: dict[str, int]) -> str:
+    """The changes that free the most memory for this recipe, biggest first."""
+    t, tips = recipe.train, []
+    if breakdown["activations"] + breakdown["logits"] > breakdown["weights"]:
+        if not t.gradient_checkpointing:
+            tips.append("set train.gradient_checkpointing = true")
+        tips.append("lower train.batch_size (raise gradient_accumulation to keep the effective batch)")
+        tips.append("or model.max_seq_length")
+    if t.method == "full":
+        tips.append("use train.method = 'lora' (or 'qlora' on a CUDA GPU)")
+    elif t.method != "qlora":
+        tips.append("use train.method = 'qlora' with model.load_in_4bit = true")
+    if t.optimizer == "adamw_torch" and t.method == "full":
+        tips.append("or train.optimizer = 'adamw_8bit'")
+    return "; ".join(tips[:3]) or "use a device with more memory"
+
+
+def render_estimate(est: Estimate) -> Table:
+    """A rich Table: memory rows, total, disk rows; the warning (if any) as its caption."""
+    from rich.table import Table
+    from rich.text import Text
+
+    # Text, not markup: a base such as "tiny:llama" would otherwise become an emoji.
+    table = Table(title=Text(f"Estimate for {est.base}: {est.parameters / 1e6:,.1f}M parameters, "
+                             f"{est.trainable_parameters / 1e6:,.2f}M trainable"))
+    table.add_column("what")
+    table.add_column("size", justify="right")
+    for name, value in est.breakdown.items():
+        table.add_row(name, _size(value))
+    fit = {None: "", True: " [green](fits)[/]", False: " [red](does not fit)[/]"}[est.fits]
+    table.add_row("[bold]training memory[/]", f"[bold]{_size(est.total_bytes)}[/]{fit}", end_section=True)
+    for name, value in est.disk_breakdown.items():
+        table.add_row(f"disk: {name}", _size(value))
+    table.add_row("[bold]disk[/]", f"[bold]{_size(est.disk_bytes)}[/]")
+    caption = Text()
+    if est.warning:
+        caption.append(est.warning + "\n", style="red")
+    caption.append("\n".join(est.notes))
+    table.caption = caption if caption.plain.strip() else None
+    return table

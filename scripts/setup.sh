@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up everything ollama-ft needs on a fresh Linux x86-64 machine (no GPU needed):
+# a virtual environment with the pinned Python packages (llama-cpp-python is built from source,
+# ~6 minutes on 2 cores the first time, then reused from pip's cache), Unsloth, and the pinned
+# Ollama server built from its Go module (~4 minutes the first time, then cached).
+#
+#   scripts/setup.sh            # idempotent: a second run only checks
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-}
+if [ -z "$PYTHON" ]; then
+  for candidate in python3.11 python3.12 python3; do
+    if command -v "$candidate" >/dev/null 2>&1; then PYTHON=$candidate; break; fi
+  done
+fi
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ ! -x .venv/bin/python ]; then
+  step "creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+step "installing ollama-ft and its pinned dependencies (constraints.txt)"
+python -m pip install -q --upgrade pip
+python -m pip install -c constraints.txt -e '.[dev]'
+
+step "installing Unsloth (its dependencies, then Unsloth with --no-deps: see requirements-unsloth.txt)"
+python -m pip install -q -c constraints.txt -r requirements-unsloth.txt
+python -m pip install -q --no-deps -c constraints.txt unsloth==2026.10.9 unsloth-zoo==2026.10.9
+
+step "the Ollama server (pinned $(python -c 'from ollama_ft.ollama_server import OLLAMA_VERSION; print(OLLAMA_VERSION)'))"
+python -m ollama_ft.ollama_server install
+
+step "done: . .venv/bin/activate && ollama-ft --help"
