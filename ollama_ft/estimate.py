@@ -6,9 +6,11 @@
 The shape comes from the base's `config.json` (or `tiny.SHAPES`), never from loading weights, so
 this runs in milliseconds without torch. The model is a Llama-style decoder: embedding, per layer
 q/k/v/o attention (grouped-query) and a gated MLP (gate/up/down) with two RMSNorms, a final norm,
-and an LM head unless tied. The figures are the usual accounting (ZeRO paper for optimizer state,
-Korthikanti et al. 2022 for activations), adapted to that shape; `tests/test_estimate.py` checks
-them against a real CPU training run.
+and an LM head unless tied (biases and mixture-of-experts are not modelled). The figures are the
+usual accounting (ZeRO paper for optimizer state, Korthikanti et al. 2022 for activations) adapted
+to that shape and to what peft and bitsandbytes keep. `tests/test_estimate.py` checks them against a
+real CPU run; on an H100 (Llama-3.2-1B shape, 4 × 1024 tokens, 3 steps) peak CUDA memory was
+1.0–1.4x the estimate for lora/qlora and 0.6–1.0x for full (see the note on full fine-tuning).
 """
 
 from __future__ import annotations
@@ -51,20 +53,18 @@ class ModelShape:
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer in one decoder layer."""
-        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
     def layer_linear_params(self) -> int:
         return sum(a * b for a, b in self.linear_dims().values())
 
-    def embedding_params(self) -> int:
-        """Input embedding plus the LM head when it is a separate matrix."""
-        return self.vocab_size * self.hidden_size * (1 if self.tied else 2)
-
     def parameters(self) -> int:
-        per_layer = self.layer_linear_params() + 2 * self.hidden_size       # + input and post-attention RMSNorm
-        return self.embedding_params() + self.num_layers * per_layer + self.hidden_size  # + final norm
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tied else 2)  # + LM head unless tied
+        per_layer = self.layer_linear_params() + 2 * self.hidden_size  # + input and post-attention RMSNorm
+        return embeddings + self.num_layers * per_layer + self.hidden_size  # + final norm
 
 
 @dataclass
@@ -126,11 +126,9 @@ def base_shape(recipe: Recipe) -> ModelShape:
 def _cached_hub_config(repo_id: str) -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
+
         found = try_to_load_from_cache(repo_id, "config.json")
-    except ValueError:  # not a valid repo id
+    except (ImportError, ValueError):  # no huggingface_hub, or not a valid repo id
         return None
     return Path(found) if isinstance(found, str) else None  # else None or a "known missing" marker
 
@@ -141,44 +139,48 @@ def _targets(recipe: Recipe) -> list[str]:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    unit = 0
+    while abs(n) >= 1024 and unit < 3:
+        n, unit = n / 1024, unit + 1
+    return f"{int(n)} B" if unit == 0 else f"{n:.1f} {('KiB', 'MiB', 'GiB')[unit - 1]}"
 
 
-def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None) -> Estimate:
-    """Memory to train `recipe` (weights, gradients, optimizer, activations) and disk the build writes."""
+def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None, cpu: bool = False) -> Estimate:
+    """Memory to train `recipe` (weights, gradients, optimizer, activations) and disk the build writes.
+
+    `cpu=True` resolves dtype "auto" as training does on a CPU (float32) instead of bfloat16."""
     shape, t, m = base_shape(recipe), recipe.train, recipe.model
     params, h, layers = shape.parameters(), shape.hidden_size, shape.num_layers
     notes: list[str] = []
-    # `auto` is bfloat16 on a capable GPU, float32 on a CPU; estimate for the GPU, where memory is scarce.
-    wide = m.dtype == "float32"
-    if m.dtype == "auto":
+    wide = m.dtype == "float32" or (m.dtype == "auto" and cpu)
+    if m.dtype == "auto" and not cpu:
         notes.append("dtype 'auto' estimated as bfloat16 (a GPU); on a CPU it trains in float32, ~2x the memory")
     wbytes = 4 if wide else 2
-    eight_bit = t.optimizer in EIGHT_BIT_OPTIMIZERS
     # Adam keeps m and v (fp32, or 1 byte each with bitsandbytes' 8-bit Adam); plain SGD keeps nothing.
-    moments = 0 if t.optimizer == "sgd" else (2 if eight_bit else 8)
+    moments = 0 if t.optimizer == "sgd" else (2 if t.optimizer in EIGHT_BIT_OPTIMIZERS else 8)
 
     if t.method == "full":
         trainable = params
         weights, grads = wbytes * params, wbytes * params
-        # Mixed precision keeps an fp32 master copy beside the 16-bit weights: 2+2+12 = 16 bytes/param
-        # with fp32 Adam, the same 16 as fp32 training's 4+4+8.
-        optimizer = (moments + (0 if wide else 4)) * params
+        # The pipeline loads the base in the training dtype and trains it as is: in bf16, torch's
+        # AdamW keeps m and v in bf16 too, 2+2+4 = 8 bytes/param (measured on an H100: 13.1 GiB vs
+        # 13.1 estimated for the 1B shape). fp32 training is the classic 16 bytes/param (4+4+8), the
+        # same as mixed precision with an fp32 master copy (2+2+12).
+        optimizer = (moments if wide else moments // 2) * params
+        if not wide:
+            notes.append("full fine-tuning in 16-bit without an fp32 master copy: 8 bytes/parameter; "
+                         "mixed precision with a master copy would need 16")
     else:
-        dims = shape.linear_dims()
-        targets = _targets(recipe)
+        dims, targets = shape.linear_dims(), _targets(recipe)
         if not targets:
             notes.append("no target module matches a Llama linear layer; adapters estimated as empty")
         per_layer = sum(t.rank * (dims[n][0] + dims[n][1]) + (dims[n][1] if t.method == "dora" else 0)
                         for n in targets)  # DoRA adds a magnitude vector per output feature
         trainable = per_layer * layers
         frozen_linear = layers * shape.layer_linear_params()
-        rest = params - frozen_linear  # embeddings, LM head and norms stay 16-bit under bitsandbytes
-        weights = int(NF4_BYTES * frozen_linear) + wbytes * rest if m.load_in_4bit else wbytes * params
+        # prepare_model_for_kbit_training (peft backend) upcasts what stays unquantized to fp32.
+        rest = params - frozen_linear  # embeddings, LM head, norms
+        weights = int(NF4_BYTES * frozen_linear) + 4 * rest if m.load_in_4bit else wbytes * params
         # Adapters train in fp32 whatever the base's dtype: weight + grad (+ m + v) per parameter.
         weights += 4 * trainable
         grads = 4 * trainable
@@ -189,11 +191,19 @@ def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None) -> Estim
     # rotated q/k, attention output; SDPA keeps no seq² matrix), gated MLP 2h + 8·I (input, gate, up,
     # silu(gate), product) and 4h for the two RMSNorms. That is ~41h for tiny:llama, ~48h for
     # Llama-3.2-1B, the analogue of Korthikanti et al.'s 34h for a GPT block. Double it for fp32.
-    kv = shape.num_kv_heads * shape.head_dim
-    per_token_layer = (wbytes // 2) * (14 * h + 8 * shape.intermediate_size + 6 * kv)
+    kv, dims = shape.num_kv_heads * shape.head_dim, shape.linear_dims()
+    act_bytes, extra = wbytes, 0
+    if m.load_in_4bit:
+        # The fp32 norms and embeddings make the residual stream fp32, and each 4-bit layer keeps a
+        # 16-bit copy of its input for backward.
+        act_bytes, extra = 4, 2 * sum(a for a, _ in dims.values())
+    elif t.method != "full" and not wide:
+        # peft casts each adapted layer's 16-bit input to the adapters' fp32 and keeps that copy.
+        extra = 4 * sum(dims[n][0] for n in _targets(recipe))
+    per_token_layer = (act_bytes // 2) * (14 * h + 8 * shape.intermediate_size + 6 * kv) + extra
     if t.gradient_checkpointing:
         # Only each layer's input (h values) is kept; one layer at a time is recomputed during backward.
-        activations = tokens * (layers * wbytes * h + per_token_layer)
+        activations = tokens * (layers * act_bytes * h + per_token_layer)
     else:
         activations = tokens * layers * per_token_layer
     # The loss upcasts logits to fp32, and cross-entropy keeps a log-softmax of the same size.
@@ -210,7 +220,7 @@ def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None) -> Estim
         est.fits = total <= FIT_HEADROOM * device_bytes
         if not est.fits:
             est.warning = (f"training needs about {_size(total)} but the device has {_size(device_bytes)}; "
-                           + _advice(recipe, breakdown))
+                           + memory_advice(recipe, breakdown))
     return est
 
 
@@ -218,7 +228,8 @@ def _disk(recipe: Recipe, params: int, trainable: int, wbytes: int, optimizer: i
     """Bytes of each output the build keeps (checkpoints are deleted once training ends, but count at peak)."""
     t = recipe.train
     saved = wbytes * params if t.method == "full" else 4 * trainable
-    merged_bytes = 4 if recipe.model.dtype == "float32" else 2  # the merge keeps the base's dtype, 16-bit for 4-bit bases
+    # The merge keeps the base's dtype (16-bit for a 4-bit base).
+    merged_bytes = 4 if recipe.model.dtype == "float32" else 2
     quant = recipe.export.quantization
     disk = {"checkpoints (2 kept)": 2 * (saved + optimizer), "trained": saved,
             "merged": merged_bytes * params, "F16 GGUF": 2 * params}
@@ -227,21 +238,22 @@ def _disk(recipe: Recipe, params: int, trainable: int, wbytes: int, optimizer: i
     return disk
 
 
-def _advice(recipe: Recipe, breakdown: dict[str, int]) -> str:
-    """The changes that free the most memory for this recipe, biggest first."""
+def memory_advice(recipe: Recipe, b: dict[str, int]) -> str:
+    """The three changes that free the most memory for this recipe, biggest saving first."""
     t, tips = recipe.train, []
-    if breakdown["activations"] + breakdown["logits"] > breakdown["weights"]:
-        if not t.gradient_checkpointing:
-            tips.append("set train.gradient_checkpointing = true")
-        tips.append("lower train.batch_size (raise gradient_accumulation to keep the effective batch)")
-        tips.append("or model.max_seq_length")
+    if not t.gradient_checkpointing:
+        tips.append((0.8 * b["activations"], "set train.gradient_checkpointing = true"))
+    if t.batch_size > 1:
+        tips.append(((b["activations"] + b["logits"]) / 2, "halve train.batch_size (and double gradient_accumulation)"))
     if t.method == "full":
-        tips.append("use train.method = 'lora' (or 'qlora' on a CUDA GPU)")
-    elif t.method != "qlora":
-        tips.append("use train.method = 'qlora' with model.load_in_4bit = true")
-    if t.optimizer == "adamw_torch" and t.method == "full":
-        tips.append("or train.optimizer = 'adamw_8bit'")
-    return "; ".join(tips[:3]) or "use a device with more memory"
+        tips.append((b["gradients"] + b["optimizer"], "use train.method = 'lora'"))
+        if t.optimizer == "adamw_torch":
+            tips.append((0.4 * b["optimizer"], "use train.optimizer = 'adamw_8bit'"))
+    elif not recipe.model.load_in_4bit:
+        tips.append((0.6 * b["weights"], "use train.method = 'qlora' with model.load_in_4bit = true"))
+    tips.append(((b["activations"] + b["logits"]) / 2, "halve model.max_seq_length"))
+    ranked = [text for _, text in sorted(tips, key=lambda tip: -tip[0])]
+    return "; ".join(ranked[:3])
 
 
 def render_estimate(est: Estimate) -> Table:

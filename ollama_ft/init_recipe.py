@@ -23,6 +23,8 @@ from ollama_ft.recipe import OLLAMA_NAME_RE, TINY_PREFIX, parse_recipe
 
 DEFAULT_BASE = "tiny:llama"
 PLACEHOLDER_DATA = "train.jsonl"
+LOCAL_PREFIXES = (".", "/", "~")
+DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 
 
 def _toml_string(value: str) -> str:
@@ -71,13 +73,13 @@ def write_init_recipe(path: str | os.PathLike, *, base: str | None = None, data:
     path = Path(path)
     if path.exists():
         raise UserInputError(f"{path} already exists", "choose another path or delete it")
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
     base = base or DEFAULT_BASE
     tiny = base.startswith(TINY_PREFIX)
 
     chat_template = "auto"
     base_folder = Path(os.path.expanduser(base))
-    if not tiny and base_folder.is_dir():
+    if not tiny and (base_folder.is_dir() or base.startswith(LOCAL_PREFIXES)):
         chat_template = detect_family(local_chat_template(base_folder)) or "auto"
         base = _relative(base_folder, folder)
 
@@ -86,7 +88,9 @@ def write_init_recipe(path: str | os.PathLike, *, base: str | None = None, data:
 
         data_value = _relative(DEFAULT_CORPUS, folder) if DEFAULT_CORPUS.is_file() else PLACEHOLDER_DATA
     else:
-        data_value = _relative(Path(data), folder) if Path(data).exists() else data  # else a hub dataset id
+        # The recipe loader's rule: a data file suffix or a path prefix means local, else a hub dataset id.
+        local = Path(data).exists() or data.startswith(LOCAL_PREFIXES) or Path(data).suffix.lower() in DATA_SUFFIXES
+        data_value = _relative(Path(os.path.expanduser(data)), folder) if local else data
 
     if name is None:
         name = sanitise_ollama_name(path.stem)
@@ -117,12 +121,13 @@ def _line(key: str, value: str, comment: str) -> str:
 def _render(*, filename: str, base: str, chat_template: str, data: str, name: str, tiny: bool) -> str:
     q = _toml_string
     # A random tiny base learns nothing from a few LoRA steps: it trains every weight, in float32.
-    method, dtype, lr, epochs, batch, seq, ckpt = (
-        ("full", "float32", "3e-3", "30", "16", "256", "false") if tiny else ("lora", "auto", "2e-4", "3", "4", "1024", "true"))
+    method, dtype, lr, epochs, batch, seq, ckpt = (("full", "float32", "3e-3", "30", "16", "256", "false") if tiny
+                                                   else ("lora", "auto", "2e-4", "3", "4", "1024", "true"))
     sections = {
         "model": [
             ("base", q(base), "hub id, local folder (\"./…\"), or tiny:llama / tiny:llama-1b"),
-            ("chat_template", q(chat_template), "auto reads the tokenizer's template; or chatml, llama3, mistral, gemma, alpaca"),
+            ("chat_template", q(chat_template), "auto reads the tokenizer's own template; or name a family:\n"
+                                                "chatml, llama3, mistral, gemma, alpaca"),
             ("max_seq_length", seq, "longer examples are cut; memory grows with it; also Ollama's num_ctx"),
             ("dtype", q(dtype), "auto: bfloat16 on a capable GPU, float32 on CPU (twice the memory)"),
             ("load_in_4bit", "false", "true (with method = \"qlora\") quarters the base's memory; needs a CUDA GPU"),
@@ -144,7 +149,8 @@ def _render(*, filename: str, base: str, chat_template: str, data: str, name: st
             ("rank", "16", "LoRA capacity, 8–64: higher learns more, costs memory and time"),
             ("alpha", "32", "the update is scaled by alpha/rank; 2 is a common, stable ratio"),
             ("dropout", "0.0", "0.05–0.1 fights overfitting on small data sets"),
-            ("target_modules", q("all-linear"), "or e.g. [\"q_proj\", \"v_proj\"]: fewer adapters, less memory and capacity"),
+            ("target_modules", q("all-linear"),
+             "or e.g. [\"q_proj\", \"v_proj\"]: fewer adapters, less memory and capacity"),
             ("epochs", epochs, "passes over the data: more fits the examples closer, and overfits sooner"),
             ("#max_steps", "100", "stop after N optimizer steps instead of epochs"),
             ("learning_rate", lr, "LoRA: ~2e-4; full fine-tuning of a real model: ~1e-5"),

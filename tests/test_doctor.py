@@ -85,7 +85,7 @@ def test_four_bit_recipe_fails_on_a_cpu_machine(tmp_path: Path) -> None:
     # The same machine without 4-bit: the GPU rows are warnings and block nothing.
     checks = run_doctor(lora, host=f"http://127.0.0.1:{free_port()}", runs_dir=tmp_path)
     rows = _rows(checks)
-    assert rows["bitsandbytes 4-bit"].status == "warning" and rows["Unsloth"].status == "warning"
+    assert rows["bitsandbytes 4-bit"].status == "warning" and rows["Unsloth"].status != "missing"
     assert not {"bitsandbytes 4-bit", "CUDA GPU", "Unsloth"} & {c.name for c in blocking_checks(checks, lora)}
     # A recipe brings its memory and disk estimate into the resource rows.
     assert "training needs" in rows["RAM"].detail and "the build writes" in rows["disk"].detail

@@ -30,7 +30,8 @@ def test_defaults_load_and_every_field_is_commented(tmp_path: Path) -> None:
         if "=" in line and not line.startswith("#"):
             assert " # " in line, f"no comment on: {line}"
     # Every section of the recipe model appears.
-    assert set(tomllib.loads(path.read_text(encoding="utf-8"))) == {"model", "data", "train", "export", "ollama", "eval"}
+    sections = set(tomllib.loads(path.read_text(encoding="utf-8")))
+    assert sections == {"model", "data", "train", "export", "ollama", "eval"}
 
 
 def test_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -56,7 +57,8 @@ def test_invalid_explicit_name_is_refused_with_a_suggestion(tmp_path: Path) -> N
         write_init_recipe(tmp_path / "r.toml", name="My Model!")
     assert "'my-model'" in info.value.hint
     assert not (tmp_path / "r.toml").exists()
-    assert load_recipe(write_init_recipe(tmp_path / "r.toml", name="me/tr-assistant:v1")).ollama.name == "me/tr-assistant:v1"
+    named = write_init_recipe(tmp_path / "r.toml", name="me/tr-assistant:v1")
+    assert load_recipe(named).ollama.name == "me/tr-assistant:v1"
 
 
 def test_local_base_detects_llama3_and_paths_are_relative(tmp_path: Path) -> None:
@@ -87,3 +89,15 @@ def test_chat_template_jinja_file_and_unknown_template(tmp_path: Path) -> None:
     other.mkdir()
     (other / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}), encoding="utf-8")
     assert load_recipe(write_init_recipe(tmp_path / "o.toml", base=str(other))).model.chat_template == "auto"
+
+
+def test_paths_from_the_working_directory_are_rewritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not created yet: still local paths (by suffix), relative to where the user typed them.
+    monkeypatch.chdir(tmp_path)
+    path = write_init_recipe("recipes/new.toml", data="data/later.jsonl")
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    assert raw["data"]["train"] == "../data/later.jsonl"
+    hub = write_init_recipe("recipes/hub.toml", base="Qwen/Qwen2.5-0.5B-Instruct", data="org/some-dataset")
+    raw = tomllib.loads(hub.read_text(encoding="utf-8"))
+    assert raw["model"]["base"] == "Qwen/Qwen2.5-0.5B-Instruct" and raw["data"]["train"] == "org/some-dataset"
+    assert raw["train"]["method"] == "lora"

@@ -58,6 +58,16 @@ class TrainResult:
     device_name: str = "cpu"
     versions: dict[str, str] = field(default_factory=dict)
     resumed_from: str | None = None
+    step_timeline: list[list[float]] = field(default_factory=list)   # [step, seconds, tokens_seen]
+    data_order_sha256: str = ""  # hash of the first batches' tokens, in training order
+
+    def steady_tokens_per_second(self, warmup_steps: int = 5) -> float:
+        """Tokens/s after the first `warmup_steps` optimizer steps (compilation, allocator warm-up)."""
+        if len(self.step_timeline) <= warmup_steps + 1:
+            return self.tokens_per_second
+        _, t0, n0 = self.step_timeline[warmup_steps]
+        _, t1, n1 = self.step_timeline[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
 
 class TrainerBackend(Protocol):

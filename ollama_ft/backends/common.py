@@ -7,6 +7,7 @@ only model loading and LoRA wrapping differ between them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -147,7 +148,7 @@ def sft_config(job: TrainJob, device: str, dtype, **overrides):
     return SFTConfig(**kwargs)
 
 
-def make_callback(emit: Callable[[dict], None], history: list[dict], stop_flag: dict):
+def make_callback(emit: Callable[[dict], None], history: list[dict], stop_flag: dict, timeline: list):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -163,6 +164,8 @@ def make_callback(emit: Callable[[dict], None], history: list[dict], stop_flag: 
                 emit({"event": "log", **entry, "total_steps": state.max_steps})
 
         def on_step_end(self, args, state, control, **kw):
+            # (step, seconds, tokens) per optimizer step: lets benchmarks drop warm-up steps.
+            timeline.append((state.global_step, time.perf_counter(), int(state.num_input_tokens_seen)))
             emit({"event": "step", "step": state.global_step, "total_steps": state.max_steps})
             if stop_flag.get("stop"):
                 # Ctrl-C: save a checkpoint at this step and stop, so a rerun resumes here.
@@ -220,9 +223,23 @@ def run_sft(job: TrainJob, model, tokenizer, emit, *, device: str, dtype, kind: 
     args = sft_config(job, device, dtype, **(config_overrides or {}))
     history: list[dict] = []
     stop_flag = {"stop": False}
+    timeline: list[tuple[int, float, int]] = []
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[make_callback(emit, history, stop_flag)],
+                         processing_class=tokenizer, callbacks=[make_callback(emit, history, stop_flag, timeline)],
                          **(trainer_overrides or {}))
+
+    # Hash what the first batches contain, in order: two backends with the same seed must agree.
+    order = hashlib.sha256()
+    collate = trainer.data_collator
+
+    def recording_collator(features):
+        if order_batches[0] < 32:
+            order_batches[0] += 1
+            order.update(json.dumps([f["input_ids"][:16] for f in features]).encode())
+        return collate(features)
+
+    order_batches = [0]
+    trainer.data_collator = recording_collator
 
     def on_sigint(signum, frame):
         stop_flag["stop"] = True
@@ -265,5 +282,6 @@ def run_sft(job: TrainJob, model, tokenizer, emit, *, device: str, dtype, kind: 
         final_loss=history[-1]["loss"] if history else float(output.training_loss),
         examples=len(train_ds), dropped_examples=dropped, truncated_examples=truncated,
         device_name=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        versions=versions(), resumed_from=resume,
+        versions=versions(), resumed_from=resume, step_timeline=[list(t) for t in timeline],
+        data_order_sha256=order.hexdigest(),
     )

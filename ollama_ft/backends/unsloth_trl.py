@@ -38,6 +38,9 @@ class UnslothBackend:
                 random_state=t["seed"], use_dora=t["method"] == "dora")
         emit({"event": "note", "text": f"unsloth {getattr(unsloth, '__version__', '?')} on {device}"})
         # Unsloth turns padding-free batching on by itself; measured slower with SDPA on an H100
-        # (FIELD-NOTES), and off keeps the data layout identical to the PEFT route.
+        # (FIELD-NOTES), and off keeps the data layout identical to the PEFT route. Its own
+        # checkpointing is set by get_peft_model above; passing transformers' use_reentrant=False
+        # on top measured 17% slower than a bare Unsloth script (benchmarks/results, B4).
         return run_sft(job, model, tokenizer, emit, device=device, dtype=dtype,
-                       kind="full" if full else "adapter", config_overrides={"padding_free": False})
+                       kind="full" if full else "adapter",
+                       config_overrides={"padding_free": False, "gradient_checkpointing_kwargs": None})
