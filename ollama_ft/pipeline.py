@@ -23,7 +23,7 @@ from ollama_ft.errors import OllamaFtError, UserInputError
 from ollama_ft.recipe import Recipe
 from ollama_ft.runs import RunDir, StageRecord, atomic_write_json, clean_partials, file_digest, fingerprint, tree_size
 
-STAGES = ("train", "merge", "convert", "quantize", "modelfile", "register", "smoke", "eval")
+STAGES = ("train", "merge", "convert", "quantize", "modelfile", "register", "smoke", "baseline", "eval")
 
 
 class Reporter(Protocol):
@@ -345,24 +345,74 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
     smoke_key = fingerprint(register_key, prompt)
     runner.stage("smoke", smoke_key, lambda: asdict(smoke_test(SmokeInput(name, host, prompt))))
 
-    # 8. eval ---------------------------------------------------------------------------------
+    # 8. baseline: the untrained base, exported and registered the same way (eval.baseline) ---
+    baseline_name = None
+    if recipe.eval.suite and recipe.eval.baseline and not options.skip_eval:
+        baseline_name = name.split(":", 1)[0] + ":base"
+        baseline_key = fingerprint(base_fp, family.jinja, spec.template, spec.stops, spec.system, parameters,
+                                   quant, baseline_name, host)
+
+        def do_baseline() -> dict[str, Any]:
+            return export_baseline(Path(base_path), run.path("baseline"), samples, recipe, spec, quant,
+                                   baseline_name, host)
+
+        runner.stage("baseline", baseline_key, do_baseline, still_registered_as(host, baseline_name))
+
+    # 9. eval ---------------------------------------------------------------------------------
     if recipe.eval.suite and not options.skip_eval:
         suite_path = recipe.resolve(recipe.eval.suite)
-        eval_key = fingerprint(smoke_key, file_digest(suite_path), recipe.eval.concurrency)
+        eval_key = fingerprint(smoke_key, file_digest(suite_path), recipe.eval.concurrency, baseline_name)
 
         def do_eval() -> dict[str, Any]:
             from ollama_ft.eval_suite import load_suite
-            from ollama_ft.evaluate import evaluate_model, write_report
+            from ollama_ft.evaluate import compare_reports, evaluate_model, write_report
+
+            suite = load_suite(suite_path)
 
             def progress(done: int, total: int) -> None:
                 options.reporter.progress("eval", done, total)
 
-            report = evaluate_model(host, name, load_suite(suite_path), concurrency=recipe.eval.concurrency,
-                                    progress=progress)
-            md, js = write_report(report, run.path("eval"))
-            return {"report_md": str(md), "report_json": str(js), **eval_summary(report)}
+            report = evaluate_model(host, name, suite, concurrency=recipe.eval.concurrency, progress=progress)
+            before = None
+            if baseline_name:
+                before = evaluate_model(host, baseline_name, suite, concurrency=recipe.eval.concurrency,
+                                        progress=progress)
+            md, js = write_report(report, run.path("eval"), baseline=before)
+            out = {"report_md": str(md), "report_json": str(js), **eval_summary(report)}
+            if before is not None:
+                out["baseline"] = {"model": baseline_name, **eval_summary(before)}
+                out["delta"] = {k: v.model_dump() for k, v in compare_reports(report, before).items()}
+            return out
 
         runner.stage("eval", eval_key, do_eval, lambda o: Path(o["report_json"]).exists())
+
+
+def still_registered_as(host: str, name: str) -> Callable[[dict], bool]:
+    def check(outputs: dict) -> bool:
+        from ollama_ft.ollama_server import client_for, ollama_call
+        from ollama_ft.register import model_exists
+
+        client = client_for(host)
+        return ollama_call(host, lambda: model_exists(client, name))
+    return check
+
+
+def export_baseline(base_path: Path, folder: Path, samples: list[str], recipe: Recipe, spec, quant: str,
+                    name: str, host: str) -> dict[str, Any]:
+    """The untrained base through the same convert → quantize → register path as the fine-tune."""
+    from dataclasses import replace as dc_replace
+
+    from ollama_ft.convert import ConvertInput, convert_to_gguf
+    from ollama_ft.quantize import QuantizeInput, quantize_gguf
+    from ollama_ft.register import RegisterInput, register_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    f16 = convert_to_gguf(ConvertInput(base_path, folder / "model-f16.gguf", samples,
+                                       recipe.export.logits_tolerance, folder / "convert.log"))
+    q = quantize_gguf(QuantizeInput(f16.gguf_path, folder / f"model-{quant}.gguf", quant))
+    # The baseline tag belongs to this recipe's builds, so replacing it needs no --force.
+    register_model(RegisterInput(name, host, dc_replace(spec, gguf_path=q.gguf_path), force=True))
+    return {"model": name, "gguf_path": str(q.gguf_path), "size_bytes": q.size_bytes}
 
 
 def eval_summary(report) -> dict[str, Any]:

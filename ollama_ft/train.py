@@ -41,6 +41,16 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGKILL when ollama-ft dies, so a killed build leaves no orphan training."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def train(inp: TrainInput, on_event: Callable[[dict], None] | None = None) -> TrainResult:
     work = inp.work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -56,7 +66,8 @@ def train(inp: TrainInput, on_event: Callable[[dict], None] | None = None) -> Tr
     if inp.job.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     error: dict = {}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
+                            preexec_fn=_die_with_parent)
     try:
         for line in proc.stdout:
             if not line.startswith(EVENT_PREFIX):
