@@ -64,6 +64,17 @@ class RichReporter:
                             TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
                             transient=True)
         self.tasks: dict[str, int] = {}
+        self.started = False
+
+    def _start(self) -> None:
+        if not self.started:
+            self.bar.start()
+            self.started = True
+
+    def _stop(self) -> None:
+        if self.started:  # stopping a bar that never started would print an empty line
+            self.bar.stop()
+            self.started = False
 
     def stage(self, name: str, status: str, detail: str = "") -> None:
         label = f"{self.prefix}{name}"
@@ -75,17 +86,17 @@ class RichReporter:
             if name in self.tasks:
                 self.bar.remove_task(self.tasks.pop(name))
                 if not self.tasks:
-                    self.bar.stop()
+                    self._stop()
             self.console.print(f"[green]✔ {label}[/] {detail}")
 
     def progress(self, name: str, done: int, total: int, detail: str = "") -> None:
         if name not in self.tasks:
-            self.bar.start()
+            self._start()
             self.tasks[name] = self.bar.add_task(f"{self.prefix}{name}", total=total, detail=detail)
         self.bar.update(self.tasks[name], completed=done, total=total, detail=detail)
 
     def close(self) -> None:
-        self.bar.stop()
+        self._stop()
 
 
 def _print_json(data) -> None:

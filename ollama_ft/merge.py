@@ -64,7 +64,12 @@ def merge_adapter(inp: MergeInput) -> MergeOutput:
     if base.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         base = base.to(torch.bfloat16)
     dtype = base.dtype
-    model = PeftModel.from_pretrained(base, str(inp.trained_path))
+    try:
+        model = PeftModel.from_pretrained(base, str(inp.trained_path))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise StageError(f"merge: the adapter in {inp.trained_path} does not fit the base {inp.base_path} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                         "retrain, or check model.base is the model the adapter was trained on") from None
     model.eval()
     before = _logits(model, tokenizer, inp.sample_texts)
     merged = model.merge_and_unload()

@@ -115,6 +115,20 @@ def tokenizer_template(base_path: str, trust_remote_code: bool) -> str | None:
     return None
 
 
+def require_cuda(what: str, device: str) -> None:
+    """bitsandbytes' 4-bit kernels need a CUDA GPU; say so before training instead of failing in it."""
+    import importlib.util
+
+    cuda = False
+    if device != "cpu" and importlib.util.find_spec("torch") is not None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        raise UserInputError(f"{what} needs a CUDA GPU, and none is available here",
+                             "set model.load_in_4bit = false and train.method = 'lora' to train on this machine")
+
+
 def ensure_disk(folder: Path, need_bytes: int, stage: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
@@ -178,6 +192,11 @@ def build(recipe: Recipe, options: BuildOptions | None = None) -> BuildResult:
 
     host = normalise_host(options.host or recipe.ollama.host)
     name = ollama_model_name(recipe, options)
+    from ollama_ft.data import load_data
+
+    data = load_data(recipe)   # every record checked before a folder is made or a model loads
+    if recipe.model.load_in_4bit or options.qlora:
+        require_cuda("4-bit loading (QLoRA)", options.device)
     run = RunDir(Path(options.runs_root) / recipe.stem / variant_name(options))
     with run.lock():
         clean_partials(run.root)
@@ -186,7 +205,7 @@ def build(recipe: Recipe, options: BuildOptions | None = None) -> BuildResult:
         elif options.from_stage:
             run.drop_records(list(STAGES[STAGES.index(options.from_stage):]))
         runner = _Runner(run, options)
-        _build_stages(recipe, options, run, runner, host, name)
+        _build_stages(recipe, options, run, runner, host, name, data)
         runner.metrics["build"] = {"recipe": str(recipe.path), "backend": options.backend,
                                    "variant": variant_name(options), "model": name, "host": host,
                                    "ran": runner.ran, "skipped": runner.skipped}
@@ -194,10 +213,8 @@ def build(recipe: Recipe, options: BuildOptions | None = None) -> BuildResult:
     return BuildResult(run.root, name, host, runner.ran, runner.skipped, runner.metrics)
 
 
-def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _Runner, host: str, name: str) -> None:
-    from ollama_ft.data import load_data
-
-    data = load_data(recipe)   # checked before any model loads
+def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _Runner, host: str, name: str,
+                  data) -> None:
     base_path, base_fp = base_model_path(recipe, Path(options.runs_root))
     family = resolve_family(recipe.model.chat_template,
                             tokenizer_template(base_path, recipe.model.trust_remote_code)

@@ -152,3 +152,27 @@ def test_unreachable_ollama_is_one_line_with_the_fix(tmp_path):
     assert out.returncode == 1
     assert "cannot reach" in out.stderr.lower() or "unreachable" in out.stderr.lower(), out.stderr
     assert out.stderr.count("\n") == 1
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes(tmp_path, ollama_server):
+    recipe = write_recipe(tmp_path, "sigint-test")
+    runs = tmp_path / "runs"
+    run_dir = runs / "sigint-test" / "peft"
+    proc = start_build(recipe, runs, ollama_server.host)
+    wait_for_line(proc, "▶ train")
+    deadline = time.monotonic() + 300
+    while not list((run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)   # what Ctrl-C in a terminal sends: the whole group
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "training stopped by Ctrl-C after saving a checkpoint" in err
+    assert list((run_dir / "checkpoints").glob("checkpoint-*"))
+    assert not (run_dir / "records" / "train.json").exists() and not (run_dir / ".lock").exists()
+    out = subprocess.run([sys.executable, "-m", "ollama_ft.cli", "build", str(recipe), "--runs-dir", str(runs),
+                          "--host", ollama_server.host, "--json"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    train = json.loads(out.stdout)["metrics"]["train"]
+    assert train["resumed_from"] and train["steps"] == 60
