@@ -146,19 +146,32 @@ class _Runner:
         self.skipped: list[str] = []
         self.metrics: dict[str, Any] = {}
 
+    def log(self, line: str) -> None:
+        """One plain line per stage event in build.log, for people and for grep."""
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        with open(self.run.path("build.log"), "a", encoding="utf-8") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+
     def stage(self, name: str, key: str, work: Callable[[], dict[str, Any]],
               still_valid: Callable[[dict], bool] = lambda outputs: True) -> dict[str, Any]:
         record = self.run.read_record(name)
         if record and record.fingerprint == key and still_valid(record.outputs):
+            self.log(f"{name} skipped (fingerprint {key} unchanged)")
             self.skipped.append(name)
             self.options.reporter.stage(name, "skip")
             self.metrics[name] = {**record.outputs, "seconds": record.seconds, "skipped": True}
             return record.outputs
         self.run.drop_records([name])
         self.options.reporter.stage(name, "start")
+        self.log(f"{name} started (fingerprint {key})")
         start = time.perf_counter()
-        outputs = work()
+        try:
+            outputs = work()
+        except BaseException as exc:
+            self.log(f"{name} failed after {time.perf_counter() - start:.1f}s: {type(exc).__name__}: {exc}")
+            raise
         seconds = time.perf_counter() - start
+        self.log(f"{name} done in {seconds:.1f}s")
         self.run.write_record(StageRecord(stage=name, fingerprint=key, outputs=outputs, seconds=seconds))
         self.ran.append(name)
         self.metrics[name] = {**outputs, "seconds": seconds, "skipped": False}

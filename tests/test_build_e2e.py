@@ -33,6 +33,8 @@ def test_every_stage_runs_and_metrics_are_measured(demo_build):
     for artifact in ("trained", "merged", "model-f16.gguf", "model-q4_k_m.gguf", "Modelfile", "metrics.json"):
         assert (run_dir / artifact).exists(), artifact
     assert not list(run_dir.rglob("*.partial-*")) and not list(run_dir.rglob(".*.tmp"))
+    log = (run_dir / "build.log").read_text(encoding="utf-8")
+    assert "train started" in log and "train done in" in log and "smoke done in" in log
     assert json.loads((run_dir / "metrics.json").read_text())["quantize"]["sha256"] == m["quantize"]["sha256"]
 
 
