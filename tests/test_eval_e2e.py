@@ -20,7 +20,8 @@ def test_build_reports_a_held_in_gain_over_the_base(demo_build):
     assert ev["held_in_pass_rate"] > ev["baseline"]["held_in_pass_rate"], ev
     assert ev["delta"]["(held-in)"]["after"] == ev["held_in_pass_rate"]
     report = json.loads(Path(ev["report_json"]).read_text(encoding="utf-8"))
-    assert report["model"] == demo_build["model"] and len(report["cases"]) >= 80
+    # compare (another test) may rebuild this run folder under the tag NAME:peft and rewrite it.
+    assert report["model"].split(":")[0] == demo_build["model"] and len(report["cases"]) >= 80
     md = Path(ev["report_md"]).read_text(encoding="utf-8")
     assert "(held-in)" in md and "baseline" in md
 

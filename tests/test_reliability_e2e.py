@@ -150,7 +150,9 @@ def test_unreachable_ollama_is_one_line_with_the_fix(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ollama_ft.cli", "eval", "any-model", "--host",
                           f"127.0.0.1:{free_port()}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
-    assert "cannot reach" in out.stderr.lower() or "unreachable" in out.stderr.lower(), out.stderr
+    port = out.args[-1].rsplit(":", 1)[-1]
+    assert out.stderr.startswith("error: no answer from the Ollama server at http://127.0.0.1:" + port), out.stderr
+    assert "ollama serve" in out.stderr and "--host" in out.stderr
     assert out.stderr.count("\n") == 1
 
 
