@@ -171,7 +171,22 @@ class Recipe(_Section):
         if self.train.method in PROMPT_METHODS:
             problems.append(f"train.method = {self.train.method!r}: soft prompts have no GGUF form, so the model "
                             "cannot be exported to Ollama; use lora, qlora, dora or full")
+        from ollama_ft.modelfile import OLLAMA_PARAMETERS, modelfile_text_problem
+
+        texts = [("ollama.system", self.ollama.system), ("ollama.template", self.ollama.template),
+                 ("data.system_prompt", self.data.system_prompt)]
+        texts += [(f"ollama.parameters.{k}", v) for k, v in self.ollama.parameters.items() if isinstance(v, str)]
+        texts += [(f"ollama.parameters.stop[{i}]", v) for i, v in
+                  enumerate(self.ollama.parameters.get("stop", []) if isinstance(self.ollama.parameters.get("stop"), list) else [])]
+        for field, text in texts:
+            problem = modelfile_text_problem(text) if text else None
+            if problem:
+                problems.append(f"{field}: {problem}")
         for key, value in self.ollama.parameters.items():
+            if key not in OLLAMA_PARAMETERS:
+                near = difflib.get_close_matches(key, sorted(OLLAMA_PARAMETERS), n=1)
+                problems.append(f"ollama.parameters.{key}: not an Ollama parameter"
+                                + (f"; did you mean {near[0]!r}?" if near else ""))
             if key == "stop":
                 continue
             if isinstance(value, list):

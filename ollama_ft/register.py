@@ -44,7 +44,27 @@ def model_exists(client, name: str) -> bool:
         raise
 
 
+# Creating a model from an uploaded GGUF blob with `files` arrived in Ollama 0.5.5.
+MIN_OLLAMA = (0, 5, 5)
+
+
+def check_server_version(host: str) -> str:
+    from ollama_ft.ollama_server import server_version
+
+    version = server_version(host)
+    if version is None:
+        raise OllamaError(f"cannot reach the Ollama server at {host}",
+                          "start it with `ollama serve` (or `ollama-ft install-ollama`), or set ollama.host / --host")
+    parts = tuple(int(p) for p in version.split("-")[0].split(".")[:3] if p.isdigit())
+    if parts and parts != (0, 0, 0) and parts < MIN_OLLAMA:
+        raise OllamaError(f"the Ollama server at {host} is version {version}, too old for creating models from "
+                          f"GGUF blobs", f"upgrade to {'.'.join(map(str, MIN_OLLAMA))} or newer "
+                          "(`ollama-ft install-ollama` builds 0.11.4)")
+    return version
+
+
 def register_model(inp: RegisterInput) -> RegisterOutput:
+    check_server_version(inp.host)
     client = client_for(inp.host)
     exists = ollama_call(inp.host, lambda: model_exists(client, inp.name))
     if exists and not inp.force:
