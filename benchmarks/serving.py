@@ -1,0 +1,180 @@
+"""B6: registering in Ollama ÷ plain disk I/O, and `ollama-ft --help` wall time;
+B7: Ollama's generation tokens/s ÷ llama-cpp-python's on the same GGUF.
+
+    python -m benchmarks.serving [--gguf MODEL.gguf] [--out DIR]
+
+Without `--gguf` it uses the Q4_K_M of the tiny base (built as in B5). A private `ollama serve`
+(OllamaServer, the pinned binary) with an empty models folder is started, so the blob is new.
+- B6: `register_model` under a fresh name ÷ (two reads + one fsynced write of the GGUF), measured
+  in the same run: the client reads the file to hash it and again to upload it, the server writes it.
+  `ollama-ft --help`: the console script in a subprocess, median of 5.
+- B7: the same raw prompt, greedy, `num_predict` 128 and 2 threads on both sides. Ollama's figure
+  is eval_count ÷ eval_duration; llama-cpp-python is timed over exactly as many decode steps
+  (argmax of the logits, then one `eval`), the prompt evaluated beforehand and not timed. Both
+  apply Ollama's default repeat penalty (1.1 over the last 64 tokens): without it the random
+  tiny model repeats one token 30 times and Ollama aborts the request, with no timings.
+  Median of up to 3 runs each, after a short warm-up that loads the model. Ollama's runs stop
+  once they have taken 60 s, and a request is given up after 90 s: on a busy 2-core machine its
+  2-thread runner fell to 2 tokens/s and below (benchmarks/README.md). A request given up bounds
+  Ollama's rate from above (tokens asked ÷ 90 s), reported as `ratio_upper_bound`.
+  Both sides' ggml CPU features are recorded: the pinned Ollama is built by `go install` (cgo).
+  `same_text` is a sanity check, not a goal: scalar and AVX2 kernels round differently, so a
+  random model's near-ties can flip after a few tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Türkiye'nin başkenti Ankara'dır. İstanbul Boğazı, Asya ile Avrupa'yı ayırır ve"
+NUM_PREDICT, THREADS, NUM_CTX, REPEATS, OLLAMA_BUDGET_S, OLLAMA_TIMEOUT_S = 128, 2, 512, 3, 60.0, 90.0
+REPEAT_PENALTY, REPEAT_LAST_N = 1.1, 64  # Ollama's defaults, set explicitly on both sides
+
+
+def help_seconds(runs: int = 5) -> float:
+    script = Path(sys.executable).with_name("ollama-ft")
+    command = [str(script), "--help"] if script.exists() else [sys.executable, "-m", "ollama_ft.cli", "--help"]
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(command, capture_output=True, check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def register_seconds(gguf: Path, host: str) -> tuple[float, str]:
+    from ollama_ft.chat_templates import load_family
+    from ollama_ft.modelfile import ModelfileSpec
+    from ollama_ft.register import RegisterInput, register_model
+
+    family = load_family("chatml")
+    name = f"bench-{uuid.uuid4().hex[:8]}"  # fresh: register refuses to replace without force
+    spec = ModelfileSpec(gguf_path=gguf, template=family.go_template, stops=list(family.stop),
+                         parameters={"num_ctx": NUM_CTX})
+    start = time.perf_counter()
+    register_model(RegisterInput(name, host, spec))
+    return time.perf_counter() - start, name
+
+
+def ollama_generate(host: str, name: str, num_predict: int = NUM_PREDICT) -> dict:
+    import ollama
+
+    # num_thread and num_ctx as in the measured runs, or the warm-up would load another runner
+    options = {"temperature": 0, "top_k": 1, "repeat_penalty": REPEAT_PENALTY, "repeat_last_n": REPEAT_LAST_N,
+               "seed": 42, "num_predict": num_predict, "num_thread": THREADS, "num_ctx": NUM_CTX}
+    # raw: the prompt goes to the model as is, no template, as llama-cpp-python gets it below
+    client = ollama.Client(host=host, timeout=OLLAMA_TIMEOUT_S)
+    resp = client.generate(model=name, prompt=PROMPT, raw=True, options=options, stream=False)
+    if not resp.done:  # e.g. its "token repeat limit": the answer then carries no timings
+        raise RuntimeError(f"Ollama stopped generating early after {len(resp.response)} characters; see its log")
+    return {"eval_count": resp.eval_count, "eval_seconds": resp.eval_duration / 1e9,
+            "prompt_eval_count": resp.prompt_eval_count, "text": resp.response,
+            "tokens_per_second": resp.eval_count / (resp.eval_duration / 1e9)}
+
+
+def llama_cpp_generate(llm, count: int) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=True)  # add_bos follows the GGUF's own setting
+    llm.reset()
+    llm.eval(prompt)
+    n_vocab = llm.n_vocab()
+    out: list[int] = []
+    start = time.perf_counter()
+    for _ in range(count):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).copy()
+        seen = np.unique((prompt + out)[-REPEAT_LAST_N:])  # llama.cpp's repeat penalty, as Ollama applies it
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / REPEAT_PENALTY, logits[seen] * REPEAT_PENALTY)
+        out.append(int(logits.argmax()))  # greedy, as temperature 0 in Ollama
+        llm.eval(out[-1:])
+    seconds = time.perf_counter() - start
+    return {"eval_count": count, "eval_seconds": seconds, "prompt_tokens": len(prompt),
+            "text": llm.detokenize(out).decode("utf-8", errors="replace"), "tokens_per_second": count / seconds}
+
+
+def run(work: Path, gguf: Path | None = None) -> dict:
+    import httpx
+    import llama_cpp
+    from llama_cpp import Llama
+
+    from benchmarks.stage_io import export_ggufs, io_seconds
+    from ollama_ft.ollama_server import OllamaServer, server_version
+    from ollama_ft.tiny import ensure_tiny_base
+
+    if gguf is None:
+        _, gguf = export_ggufs(ensure_tiny_base("tiny:llama", work / "_bases"), work / "stage-io-llama")
+    folder = Path(tempfile.mkdtemp(prefix="serving-", dir=work))
+    try:
+        io = io_seconds([gguf, gguf], gguf.stat().st_size, folder)
+        with OllamaServer(folder / "models", log_path=folder / "serve.log") as server:
+            version = server_version(server.host)
+            reg, name = register_seconds(gguf, server.host)
+            ollama_runs: list[dict] = []
+            asked = 4
+            try:
+                ollama_generate(server.host, name, num_predict=asked)  # warm-up: loads the model into a runner
+                asked = NUM_PREDICT
+                while len(ollama_runs) < REPEATS and sum(r["eval_seconds"] for r in ollama_runs) < OLLAMA_BUDGET_S:
+                    ollama_runs.append(ollama_generate(server.host, name))
+                bound = None
+            except httpx.TimeoutException:
+                bound = asked / OLLAMA_TIMEOUT_S  # fewer tokens than asked came in the time allowed
+        log = (folder / "serve.log").read_text(encoding="utf-8", errors="replace")
+        ollama_cpu = next(iter(re.findall(r"msg=system (.*)", log)), "?")
+        count = ollama_runs[0]["eval_count"] if ollama_runs else NUM_PREDICT  # the same number on both sides
+        llm = Llama(model_path=str(gguf), n_ctx=NUM_CTX, n_threads=THREADS, n_threads_batch=THREADS,
+                    seed=42, verbose=False)
+        llama_cpp_generate(llm, count)
+        cpp_runs = [llama_cpp_generate(llm, count) for _ in range(REPEATS)]
+        llm.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    ollama_tps = statistics.median(r["tokens_per_second"] for r in ollama_runs) if ollama_runs else None
+    cpp_tps = statistics.median(r["tokens_per_second"] for r in cpp_runs)
+    return {
+        "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "ollama_version": version,
+        "register": {"seconds": reg, "io_seconds": io, "ratio": reg / io},
+        "help_seconds": help_seconds(),
+        "generation": {"tokens": count, "threads": THREADS, "prompt": PROMPT, "ollama_ggml": ollama_cpu,
+                       "llama_cpp_ggml": llama_cpp.llama_print_system_info().decode().strip(),
+                       "ollama_prompt_tokens": ollama_runs[0]["prompt_eval_count"] if ollama_runs else None,
+                       "llama_cpp_prompt_tokens": cpp_runs[0]["prompt_tokens"],
+                       "ollama_tokens_per_second": ollama_tps, "llama_cpp_tokens_per_second": cpp_tps,
+                       "ratio": ollama_tps / cpp_tps if ollama_tps else None,
+                       "ollama_tokens_per_second_upper_bound": bound if not ollama_runs else None,
+                       "ratio_upper_bound": bound / cpp_tps if bound and not ollama_runs else None,
+                       "same_text": bool(ollama_runs) and ollama_runs[0]["text"] == cpp_runs[0]["text"],
+                       "ollama_runs": ollama_runs, "llama_cpp_runs": cpp_runs},
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gguf", type=Path, default=None, help="a GGUF to serve (default: the tiny base's Q4_K_M)")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--out", type=Path, default=None, help="folder for serving.json")
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    result = run(args.work, args.gguf)
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "serving.json").write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
