@@ -147,13 +147,30 @@ def _check_order(messages: list[dict[str, str]]) -> None:
         raise ValueError("the last turn must be the assistant's answer")
 
 
-def load_examples(paths: list[Path], fmt: str, *, system_prompt: str | None, on_bad_record: str,
+def _hub_records(dataset_id: str, split: str = "train") -> Iterator[tuple[int, Any]]:
+    """Records of a hub dataset (`org/name`, optionally `org/name:split`), numbered from 1."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError("hub datasets need the `datasets` package", "pip install datasets") from None
+    name, _, wanted = dataset_id.partition(":")
+    try:
+        dataset = load_dataset(name, split=wanted or split)
+    except Exception as exc:  # offline, unknown id, gated: all one answer for the user
+        raise DataError(f"data.train: cannot load hub dataset {dataset_id!r} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160]})",
+                        "check the id and your network, or download it and give a local .jsonl/.parquet") from None
+    yield from enumerate(dataset, start=1)
+
+
+def load_examples(paths: list[Path | str], fmt: str, *, system_prompt: str | None, on_bad_record: str,
                   max_examples: int | None = None) -> tuple[list[Example], str, int, dict[str, int]]:
     examples: list[Example] = []
     skipped, reasons = 0, {}
     detected = None if fmt == "auto" else fmt
     for path in paths:
-        for number, record in _read_records(path):
+        records = _read_records(path) if isinstance(path, Path) else _hub_records(path)
+        for number, record in records:
             source = f"{path}:{number}"
             try:
                 if isinstance(record, DataError):
@@ -181,13 +198,16 @@ def load_examples(paths: list[Path], fmt: str, *, system_prompt: str | None, on_
 def load_data(recipe) -> LoadedData:
     """Load and check the recipe's training (and validation) data."""
     d = recipe.data
-    paths = []
+    paths: list[Path | str] = []
     for value in d.train:
         path = recipe.resolve(value)
-        if not path.is_file():
+        if path.is_file():
+            paths.append(path)
+        elif "/" in value and not value.startswith((".", "/", "~")) and not path.suffix:
+            paths.append(value)  # a hub dataset id such as "org/name" or "org/name:split"
+        else:
             raise DataError(f"data.train: {value!r} is not a file ({path})",
-                            "hub datasets are not reachable offline; give a local .jsonl/.json/.csv/.parquet")
-        paths.append(path)
+                            "give a local .jsonl/.json/.csv/.parquet, or a hub dataset id like org/name")
     train, fmt, skipped, reasons = load_examples(paths, d.format, system_prompt=d.system_prompt,
                                                  on_bad_record=d.on_bad_record, max_examples=d.max_examples)
     if not train:

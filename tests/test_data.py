@@ -88,3 +88,23 @@ def test_bundled_formats_load():
         text = f'[model]\nbase = "tiny:llama"\n[data]\ntrain = "{root / "data" / name}"\n[ollama]\nname = "t"\n'
         data = load_data(parse_recipe(text, root / "r.toml"))
         assert data.format == fmt and len(data.train) >= 10
+
+
+def test_hub_dataset_id_offline_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    text = '[model]\nbase = "tiny:llama"\n[data]\ntrain = "someone/turkish-chats"\n[ollama]\nname = "t"\n'
+    recipe = parse_recipe(text, tmp_path / "r.toml")
+    with pytest.raises(DataError, match="cannot load hub dataset 'someone/turkish-chats'"):
+        load_data(recipe)
+
+
+def test_hub_dataset_records_go_through_the_same_checks(tmp_path, monkeypatch):
+    import ollama_ft.data as data_module
+
+    rows = [GOOD, {"messages": [{"role": "user", "content": "x"}]}]
+    monkeypatch.setattr(data_module, "_hub_records", lambda dataset_id, split="train": enumerate(rows, start=1))
+    text = '[model]\nbase = "tiny:llama"\n[data]\ntrain = "someone/chats"\non_bad_record = "skip"\n[ollama]\nname = "t"\n'
+    data = load_data(parse_recipe(text, tmp_path / "r.toml"))
+    assert len(data.train) == 1 and data.skipped == 1
