@@ -1,11 +1,12 @@
-"""All benchmarks in one run: B3, B5–B8 and training throughput (B1, B2), one table of ratios.
+"""All benchmarks in one run: B3, B5–B8 and training throughput (B1), one table of ratios.
 
     python -m benchmarks.run [--out DIR] [--quick]          # or: make bench
     python -m benchmarks.run --shape llama-1b --out DIR     # GPU machine: B5–B7 and training at 1B shape
 
 Writes DIR/benchmarks.json (every figure, hardware, versions, seed, date) and DIR/benchmarks.md
-(the table with each goal and whether it is met), plus each benchmark's own output under DIR.
-Runs at the tiny shape: under 10 minutes on a 2-core CPU. `--quick` scores B8 on the untrained
+(the table with each goal and whether it is met), plus each benchmark's own output under DIR;
+B2's MFU, on a GPU, is in DIR/train_throughput/. At the tiny shape a 2-core CPU takes 98 s idle
+and about 8 minutes while another process trains beside it. `--quick` scores B8 on the untrained
 base and trains PEFT only for 4 steps. A benchmark that fails is reported, the others still run.
 """
 
