@@ -7,6 +7,8 @@ model's on sample inputs; a mismatch stops the build.
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,25 @@ class MergeOutput:
     dtype: str
 
 
+def keep_base_tokenizer(base: Path, out: Path, chat_jinja: str) -> None:
+    """Ship the base's own SentencePiece files, not transformers' re-derived tokenizer.json.
+
+    llama.cpp's converter reads `tokenizer.model` and `add_bos_token` from tokenizer_config.json;
+    without them the GGUF splits text differently from training and adds a BOS it never saw.
+    """
+    if not (base / "tokenizer.model").is_file() or not (base / "tokenizer_config.json").is_file():
+        return  # a tokenizer.json-only base (Qwen, Llama 3): the saved files are its own
+    for name in ("tokenizer.model", "special_tokens_map.json"):
+        if (base / name).is_file():
+            shutil.copyfile(base / name, out / name)
+    config = json.loads((base / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = chat_jinja
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+    for derived in ("tokenizer.json", "chat_template.jinja"):
+        (out / derived).unlink(missing_ok=True)
+
+
 def _logits(model, tokenizer, texts):
     import torch
 
@@ -55,6 +76,7 @@ def merge_adapter(inp: MergeInput) -> MergeOutput:
         with atomic_output(inp.out_dir) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            keep_base_tokenizer(inp.base_path, tmp, inp.chat_jinja)
         return MergeOutput(inp.out_dir, 0.0, 0.0, str(model.dtype).removeprefix("torch."))
 
     from peft import PeftModel
@@ -84,4 +106,5 @@ def merge_adapter(inp: MergeInput) -> MergeOutput:
     with atomic_output(inp.out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        keep_base_tokenizer(inp.base_path, tmp, inp.chat_jinja)
     return MergeOutput(inp.out_dir, diff, tolerance, str(dtype).removeprefix("torch."))

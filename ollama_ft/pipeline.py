@@ -285,7 +285,7 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
 
     # 2. merge --------------------------------------------------------------------------------
     samples = sample_texts(examples, family)
-    merge_key = fingerprint(train_key, "merge-v1")
+    merge_key = fingerprint(train_key, "merge-v2")  # v2: ships the base's SentencePiece files
 
     def do_merge() -> dict[str, Any]:
         from ollama_ft.merge import MergeInput, merge_adapter

@@ -24,7 +24,7 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_CORPUS = DATA_DIR / "turkish-demo.jsonl"
-TINY_BUILD_VERSION = 1  # bump when the recipe below changes, so cached bases are rebuilt
+TINY_BUILD_VERSION = 2  # bump when the recipe below changes, so cached bases are rebuilt
 
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
@@ -103,6 +103,13 @@ def _write_tokenizer_config(out: Path, max_len: int) -> None:
         "model_max_length": max_len,
         "chat_template": load_family("chatml").jinja,
         "additional_special_tokens": SPECIAL_TOKENS,
+        # Marked special here so llama.cpp's converter types them CONTROL in the GGUF, and
+        # llama.cpp/Ollama then read "<|im_start|>" in a prompt as one token, as training did.
+        "added_tokens_decoder": {
+            str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                     "single_word": False}
+            for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>", *SPECIAL_TOKENS])
+        },
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(

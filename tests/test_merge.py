@@ -66,3 +66,24 @@ def test_adapter_for_another_base_is_refused(adapter, tmp_path):
         merge_adapter(MergeInput(other / "base", adapter, "adapter", load_family("chatml").jinja, SAMPLES,
                                  tmp_path / "merged"))
     assert not (tmp_path / "merged").exists()
+
+
+def test_gguf_tokenizes_like_training(tiny_base, adapter, tmp_path):
+    """The merged folder keeps the base's SentencePiece files, so llama.cpp (and Ollama) split text
+    exactly as training did, read the chat markers as single tokens, and add no BOS."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from ollama_ft.convert import ConvertInput, convert_to_gguf
+
+    out = merge_adapter(MergeInput(tiny_base, adapter, "adapter", load_family("chatml").jinja, SAMPLES,
+                                   tmp_path / "merged"))
+    assert (out.merged_path / "tokenizer.model").read_bytes() == (tiny_base / "tokenizer.model").read_bytes()
+    gguf = convert_to_gguf(ConvertInput(out.merged_path, tmp_path / "m.gguf", SAMPLES, 0.05, tmp_path / "c.log"))
+    llm = Llama(model_path=str(gguf.gguf_path), vocab_only=True, verbose=False)
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    for text in ["<|im_start|>user\nTürkiye'nin başkenti neresidir?<|im_end|>\n<|im_start|>assistant\n",
+                 "İstanbul Boğazı, Asya ile Avrupa'yı ayırır."]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False).input_ids
+    assert llm.metadata.get("tokenizer.ggml.add_bos_token") == "false"
+    llm.close()
