@@ -20,10 +20,6 @@ name = "t"
 GOOD = {"messages": [{"role": "user", "content": "Merhaba"}, {"role": "assistant", "content": "Selam!"}]}
 
 
-def case(recipe_edit=None, data=None):
-    return (recipe_edit, data)
-
-
 CASES = {
     "unknown key": ((("[model]", "[model]\nmax_seq_lenght = 5"),), None, "model.max_seq_lenght: unknown key; did you mean 'max_seq_length'?"),
     "unknown section": ((("[ollama]", "[trian]\n[ollama]"),), None, "trian: unknown key; did you mean 'train'?"),
