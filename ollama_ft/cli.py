@@ -121,9 +121,16 @@ def _size(n: float) -> str:
 @click.option("--host", help="Ollama server (default: recipe, then $OLLAMA_HOST, then 127.0.0.1:11434).")
 @click.option("--cpu", is_flag=True, help="Train on the CPU even if a GPU is present.")
 @click.option("--no-eval", is_flag=True, help="Skip the recipe's eval suite.")
+@click.option("--launcher", type=click.Choice(["python", "accelerate"]), default="python", show_default=True,
+              help="Start training as one process, or under `accelerate launch` (multi-GPU).")
+@click.option("--num-processes", type=click.IntRange(1), default=1, show_default=True,
+              help="Training processes for --launcher accelerate, one per GPU (batch_size is per process).")
+@click.option("--accelerate-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="An `accelerate config` file (FSDP, DeepSpeed) for --launcher accelerate.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the summary.")
 def build(recipe: Path, backend: str, force: bool, from_stage: str | None, runs_dir: Path, host: str | None,
-          cpu: bool, no_eval: bool, as_json: bool) -> None:
+          cpu: bool, no_eval: bool, launcher: str, num_processes: int, accelerate_config: Path | None,
+          as_json: bool) -> None:
     """Train, merge, convert, quantize and register RECIPE's model in Ollama."""
     from ollama_ft.pipeline import BuildOptions
     from ollama_ft.pipeline import build as run_build
@@ -135,6 +142,8 @@ def build(recipe: Path, backend: str, force: bool, from_stage: str | None, runs_
     try:
         result = run_build(loaded, BuildOptions(backend=backend, force=force, from_stage=from_stage,
                                                 runs_root=runs_dir, host=host, device="cpu" if cpu else "auto",
+                                                launcher=launcher, num_processes=num_processes,
+                                                accelerate_config=accelerate_config,
                                                 skip_eval=no_eval, reporter=reporter))
     finally:
         reporter.close()

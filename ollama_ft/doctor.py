@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
 UNSLOTH_REQUIREMENTS = CONSTRAINTS.with_name("requirements-unsloth.txt")
 INSTALL_FIX = "pip install -c constraints.txt -e ."
-Need = Literal["core", "recipe", "bitsandbytes", "optional"]
+Need = Literal["core", "recipe", "bitsandbytes", "tensorboard", "optional"]
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Check:
     detail: str
     fix: str = ""
     # Whose failure it is: every install ("core"), any build ("recipe"), a recipe that uses
-    # bitsandbytes (4-bit base or 8-bit Adam), or nobody ("optional").
+    # bitsandbytes (4-bit base or 8-bit Adam), one that logs to TensorBoard, or nobody ("optional").
     needed_for: Need = "optional"
 
 
@@ -56,6 +56,8 @@ def blocking_checks(checks: list[Check], recipe: Recipe | None) -> list[Check]:
     needed = {"core"} | ({"recipe"} if recipe is not None else set())
     if _uses_bitsandbytes(recipe):
         needed.add("bitsandbytes")
+    if recipe is not None and recipe.train.report_to == "tensorboard":
+        needed.add("tensorboard")
     return [c for c in checks if c.status == "missing" and c.needed_for in needed]
 
 
@@ -99,12 +101,14 @@ def _package_checks(constraints: Path = CONSTRAINTS) -> list[Check]:
             continue
         name, pinned = (part.strip() for part in line.split("==", 1))
         # bitsandbytes installs everywhere but works only with CUDA: it blocks only recipes that use it.
-        need: Need = "bitsandbytes" if name == "bitsandbytes" else "core" if _normalise(name) in core else "optional"
+        need: Need = ("bitsandbytes" if name == "bitsandbytes" else "tensorboard" if name == "tensorboard"
+                      else "core" if _normalise(name) in core else "optional")
         try:
             installed = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
+            fix = INSTALL_FIX if need in ("core", "bitsandbytes") else f"pip install -c constraints.txt {name}"
             checks.append(Check(name, "warning" if need == "optional" else "missing",
-                                f"not installed (pinned {pinned})", INSTALL_FIX if need != "optional" else f"pip install -c constraints.txt {name}", need))
+                                f"not installed (pinned {pinned})", fix, need))
             continue
         # "2.13.0+cu130" is the pinned 2.13.0 built for another accelerator.
         same = installed.split("+", 1)[0] == pinned

@@ -50,7 +50,9 @@ class BuildOptions:
     runs_root: Path = Path("runs")
     host: str | None = None               # overrides recipe and $OLLAMA_HOST
     device: str = "auto"                  # "cpu" forces CPU training
-    launcher: list[str] | None = None     # e.g. accelerate launch for multi-GPU
+    launcher: str = "python"              # "accelerate": train under `accelerate launch`
+    num_processes: int = 1                # processes (GPUs) for the accelerate launcher
+    accelerate_config: Path | None = None # an `accelerate config` file (FSDP, DeepSpeed, …)
     skip_eval: bool = False
     reporter: Reporter = field(default_factory=NullReporter)
 
@@ -129,6 +131,16 @@ def require_cuda(what: str, device: str) -> None:
                              "set model.load_in_4bit = false and train.method = 'lora' to train on this machine")
 
 
+def require_tensorboard() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        from ollama_ft.errors import MissingDependencyError
+
+        raise MissingDependencyError("train.report_to = 'tensorboard' needs the tensorboard package",
+                                     "pip install 'ollama-ft[tensorboard]', or set train.report_to = 'none'")
+
+
 def ensure_disk(folder: Path, need_bytes: int, stage: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
@@ -193,12 +205,35 @@ def sample_texts(examples: list[dict], family: ChatFamily, count: int = 3) -> li
     return texts
 
 
+def training_launcher(options: BuildOptions):
+    """The train stage's Launcher, after checking the launcher options fit together."""
+    from ollama_ft.train import Launcher
+
+    if options.launcher not in ("python", "accelerate"):
+        raise UserInputError(f"--launcher {options.launcher!r} is not a launcher", "choose one of: python, accelerate")
+    if options.num_processes < 1:
+        raise UserInputError(f"--num-processes {options.num_processes} must be at least 1", "use --num-processes 2 for two GPUs")
+    if options.launcher == "python" and (options.num_processes > 1 or options.accelerate_config):
+        raise UserInputError("--num-processes and --accelerate-config need --launcher accelerate",
+                             "add --launcher accelerate")
+    if options.launcher == "accelerate" and options.backend == "unsloth" and options.num_processes > 1:
+        raise UserInputError("the unsloth backend trains on one GPU; multi-process training is the peft backend's",
+                             "use --backend peft with --num-processes, or drop --num-processes")
+    config = options.accelerate_config
+    if config is not None and not Path(config).is_file():
+        raise UserInputError(f"--accelerate-config {config}: no such file", "write one with `accelerate config`")
+    return Launcher(options.launcher, options.num_processes, str(Path(config).resolve()) if config else None)
+
+
 def build(recipe: Recipe, options: BuildOptions | None = None) -> BuildResult:
     """Run every stage for one backend; return what was done and the measured metrics."""
     options = options or BuildOptions()
     from ollama_ft.backends import check_backend_available
 
     check_backend_available(options.backend)
+    training_launcher(options)
+    if recipe.train.report_to == "tensorboard":
+        require_tensorboard()
     if options.from_stage and options.from_stage not in STAGES:
         raise UserInputError(f"--from {options.from_stage!r} is not a stage", f"choose one of: {', '.join(STAGES)}")
     from ollama_ft.ollama_server import normalise_host
@@ -248,8 +283,10 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
         assistant_only = data.format != "text"
 
     # 1. train --------------------------------------------------------------------------------
+    launcher = training_launcher(options)
+    # The default launcher is left out, so runs made before launchers existed keep their key.
     train_key = fingerprint(base_fp, data_fp, model_section, train_section, family.jinja, options.backend,
-                            assistant_only, options.launcher)
+                            assistant_only, *([launcher.describe()] if launcher.kind != "python" else [None]))
 
     def do_train() -> dict[str, Any]:
         from ollama_ft.backends import TrainJob
@@ -273,8 +310,9 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
                 loss = f"loss {event['loss']:.3f}" if "loss" in event else ""
                 options.reporter.progress("train", event["step"], event["total_steps"], loss)
 
-        result = train(TrainInput(job, examples, validation or None, work, options.launcher), on_event)
+        result = train(TrainInput(job, examples, validation or None, work, launcher), on_event)
         out = asdict(result)
+        out["launcher"] = launcher.describe()
         out["data"] = data.summary()
         out["family"] = family.name
         out["trained_size_bytes"] = tree_size(Path(result.output_dir))

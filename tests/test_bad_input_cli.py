@@ -98,3 +98,54 @@ def test_missing_unsloth_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "unsloth" else real(n, *a))
     with pytest.raises(MissingDependencyError, match=r"pip install 'ollama-ft\[unsloth\]'"):
         check_backend_available("unsloth")
+
+
+LAUNCHER_CASES = {
+    "processes without accelerate": (["--num-processes", "2"], "--num-processes and --accelerate-config need --launcher accelerate"),
+    "config without accelerate": (["--accelerate-config", "RECIPE"], "need --launcher accelerate"),
+    "missing accelerate config": (["--launcher", "accelerate", "--accelerate-config", "nope.yaml"],
+                                  "--accelerate-config nope.yaml: no such file"),
+    "unsloth on two processes": (["--backend", "unsloth", "--launcher", "accelerate", "--num-processes", "2"],
+                                 "the unsloth backend trains on one GPU"),
+}
+
+
+@pytest.mark.parametrize("name", list(LAUNCHER_CASES))
+def test_bad_launcher_options(name, tmp_path, monkeypatch):
+    args, expected = LAUNCHER_CASES[name]
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE, encoding="utf-8")
+    (tmp_path / "d.jsonl").write_text(json.dumps(GOOD) + "\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    args = [str(recipe) if a == "RECIPE" else a for a in args]
+    result = CliRunner().invoke(main, ["build", str(recipe), "--runs-dir", str(tmp_path / "runs"), *args])
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert expected in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tensorboard_without_the_package_names_the_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorboard" else real(n, *a))
+    (tmp_path / "r.toml").write_text(RECIPE.replace("[ollama]", "[train]\nreport_to = 'tensorboard'\n[ollama]"),
+                                     encoding="utf-8")
+    (tmp_path / "d.jsonl").write_text(json.dumps(GOOD) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "r.toml"), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert "pip install 'ollama-ft[tensorboard]'" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_launcher_commands():
+    from ollama_ft.train import Launcher
+
+    assert Launcher().command("m", "a")[1:] == ["-m", "m", "a"]
+    two = Launcher("accelerate", 2).command("m", "a")
+    assert two[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in two
+    assert two[two.index("--num_processes") + 1] == "2" and two[-3:] == ["-m", "m", "a"]
+    assert "--multi_gpu" not in Launcher("accelerate", 1).command("m")
+    fsdp = Launcher("accelerate", 2, "/x/fsdp.yaml").command("m")
+    assert fsdp[fsdp.index("--config_file") + 1] == "/x/fsdp.yaml" and "--multi_gpu" not in fsdp

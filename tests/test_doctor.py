@@ -89,3 +89,25 @@ def test_four_bit_recipe_fails_on_a_cpu_machine(tmp_path: Path) -> None:
     assert not {"bitsandbytes 4-bit", "CUDA GPU", "Unsloth"} & {c.name for c in blocking_checks(checks, lora)}
     # A recipe brings its memory and disk estimate into the resource rows.
     assert "training needs" in rows["RAM"].detail and "the build writes" in rows["disk"].detail
+
+
+def test_missing_tensorboard_blocks_only_a_recipe_that_logs_to_it(tmp_path: Path, monkeypatch) -> None:
+    import importlib.metadata
+
+    from ollama_ft import doctor
+
+    real = importlib.metadata.version
+
+    def version(name):
+        if name == "tensorboard":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    row = _rows(doctor._package_checks())["tensorboard"]
+    assert row.status == "missing" and row.fix == "pip install -c constraints.txt tensorboard"
+    plain = _recipe(tmp_path, four_bit=False)
+    logging = parse_recipe(RECIPE.format(four_bit="false", method="lora").replace(
+        "[ollama]", "report_to = \"tensorboard\"\n[ollama]"), tmp_path / "r.toml", check_files=False)
+    assert doctor_exit_code([row], plain) == 0
+    assert doctor_exit_code([row], logging) == 1

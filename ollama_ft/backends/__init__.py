@@ -60,6 +60,10 @@ class TrainResult:
     resumed_from: str | None = None
     step_timeline: list[list[float]] = field(default_factory=list)   # [step, seconds, tokens_seen]
     data_order_sha256: str = ""  # hash of the first batches' tokens, in training order
+    padding_efficiency: float = 1.0   # non-pad ÷ computed positions in this process's batches (B3)
+    speedups: list[str] = field(default_factory=list)   # the PEFT backend's switches that were on
+    parallelism: str = "single"  # "single" | "ddp" | "fsdp" | "deepspeed", over `processes` processes
+    processes: int = 1
 
     def steady_tokens_per_second(self, warmup_steps: int = 5) -> float:
         """Tokens/s after the first `warmup_steps` optimizer steps (compilation, allocator warm-up)."""

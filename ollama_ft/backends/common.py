@@ -139,13 +139,39 @@ def sft_config(job: TrainJob, device: str, dtype, **overrides):
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
         disable_tqdm=True, eval_strategy="no", remove_unused_columns=True,
         dataset_num_proc=None,
+        # Under DDP every trainable weight takes part in each step; searching for unused ones
+        # costs an extra pass over the autograd graph per step.
+        ddp_find_unused_parameters=False,
     )
     # transformers 5 reads the TensorBoard folder from the environment only.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(job.output_dir).parent / "tensorboard"))
     if t["gradient_checkpointing"]:
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if full_fine_tune_across_processes(t):
+        # Shard weights, gradients and optimizer state (FSDP) instead of one full copy per process;
+        # FSDP does its own activation checkpointing in place of the Trainer's. GPUs only: on CPU
+        # accelerate runs these processes as DDP over gloo.
+        kwargs.update(fsdp=True, gradient_checkpointing=False,
+                      fsdp_config={"version": 2, "reshard_after_forward": True,
+                                   "activation_checkpointing": t["gradient_checkpointing"]})
+        kwargs.pop("gradient_checkpointing_kwargs", None)
     kwargs.update(overrides)
     return SFTConfig(**kwargs)
+
+
+def full_fine_tune_across_processes(train_section: dict) -> bool:
+    """Full fine-tuning in several processes, and no accelerate config file chose a strategy."""
+    chosen = os.environ.get("ACCELERATE_USE_FSDP", "false") == "true" or \
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and train_section["method"] == "full" and not chosen
+
+
+def parallelism(trainer) -> str:
+    if trainer.args.world_size == 1:
+        return "single"
+    if trainer.is_fsdp_enabled:
+        return "fsdp"
+    return "deepspeed" if trainer.is_deepspeed_enabled else "ddp"
 
 
 def make_callback(emit: Callable[[dict], None], history: list[dict], stop_flag: dict, timeline: list):
@@ -207,7 +233,7 @@ class Interrupted(Exception):
 
 def run_sft(job: TrainJob, model, tokenizer, emit, *, device: str, dtype, kind: str,
             trainer_overrides: dict | None = None, config_overrides: dict | None = None,
-            save: Callable[[Any, str], None] | None = None) -> TrainResult:
+            save: Callable[[Any, str], None] | None = None, speedups: list[str] | None = None) -> TrainResult:
     """Train `model` (already wrapped with LoRA, or full) with TRL's SFTTrainer; save to job.output_dir."""
     import torch
     from trl import SFTTrainer
@@ -236,9 +262,15 @@ def run_sft(job: TrainJob, model, tokenizer, emit, *, device: str, dtype, kind: 
         if order_batches[0] < 32:
             order_batches[0] += 1
             order.update(json.dumps([f["input_ids"][:16] for f in features]).encode())
-        return collate(features)
+        batch = collate(features)
+        # B3: positions the model computes vs the real tokens among them (padding-free has no mask).
+        positions[0] += batch["input_ids"].numel()
+        mask = batch.get("attention_mask")
+        positions[1] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return batch
 
     order_batches = [0]
+    positions = [0, 0]   # computed, non-pad
     trainer.data_collator = recording_collator
 
     def on_sigint(signum, frame):
@@ -266,13 +298,22 @@ def run_sft(job: TrainJob, model, tokenizer, emit, *, device: str, dtype, kind: 
     total = sum(p.numel() for p in model.parameters())
 
     out = Path(job.output_dir)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (save or (lambda m, p: m.save_pretrained(p)))(trainer.model, str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    main_process = trainer.is_world_process_zero()
+    # One name for every process: under FSDP all of them take part in gathering the weights.
+    tmp = out.with_name(f".{out.name}.partial-{os.environ.get('MASTER_PORT', os.getpid())}")
+    if main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_fsdp_enabled:
+        trainer.save_model(str(tmp))   # gathers the sharded weights; writes on the main process only
+    elif main_process:
+        (save or (lambda m, p: m.save_pretrained(p)))(trainer.model, str(tmp))
+    if main_process:
+        tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    trainer.accelerator.wait_for_everyone()
 
     return TrainResult(
         kind=kind, output_dir=str(out), train_seconds=seconds, steps=int(trainer.state.global_step),
@@ -283,5 +324,7 @@ def run_sft(job: TrainJob, model, tokenizer, emit, *, device: str, dtype, kind: 
         examples=len(train_ds), dropped_examples=dropped, truncated_examples=truncated,
         device_name=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         versions=versions(), resumed_from=resume, step_timeline=[list(t) for t in timeline],
-        data_order_sha256=order.hexdigest(),
+        data_order_sha256=order.hexdigest(), padding_efficiency=positions[1] / positions[0] if positions[0] else 1.0,
+        speedups=list(speedups or []), parallelism=parallelism(trainer),
+        processes=trainer.args.world_size,
     )
