@@ -4,14 +4,18 @@ Ollama is in no Python or Debian registry, so the pinned release is built from i
 
     python -m ollama_ft.ollama_server install      # prints the binary's path
 
-v0.11.4 is the last release whose Go module builds with plain cgo on CPU. The binary is cached
-under $OLLAMA_FT_CACHE (default ~/.cache/ollama-ft) and never rebuilt while it reports the pinned
-version. An `ollama` on PATH is used instead when present.
+v0.11.4 is the last release whose Go module builds with plain cgo on CPU. A plain cgo build
+compiles ggml's CPU kernels for baseline x86-64 (no AVX2/FMA), which generates about 12× slower
+than llama.cpp on the same GGUF (benchmarks/serving.py, B7), so the build targets the x86-64
+micro-architecture level this CPU supports (v3: AVX2+FMA+F16C, v4: AVX-512). The binary is cached
+under $OLLAMA_FT_CACHE (default ~/.cache/ollama-ft), one per level, and never rebuilt while it
+reports the pinned version. An `ollama` on PATH is used instead when present.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -35,8 +39,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OLLAMA_FT_CACHE", Path.home() / ".cache" / "ollama-ft"))
 
 
-def pinned_binary() -> Path:
-    return cache_dir() / f"ollama-{OLLAMA_VERSION}" / "bin" / "ollama"
+X86_64_V3 = {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm"}
+X86_64_V4 = X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+def cpu_level(cpuinfo: str | None = None) -> str:
+    """The newest x86-64 level (gcc's -march name) this CPU runs, or "generic" elsewhere."""
+    if cpuinfo is None:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            return "generic"
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "generic"
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    if X86_64_V4 <= flags:
+        return "x86-64-v4"
+    if X86_64_V3 <= flags:
+        return "x86-64-v3"
+    return "generic"
+
+
+def pinned_binary(level: str | None = None) -> Path:
+    return cache_dir() / f"ollama-{OLLAMA_VERSION}-{level or cpu_level()}" / "bin" / "ollama"
 
 
 def normalise_host(host: str | None) -> str:
@@ -80,6 +105,10 @@ def install_ollama(log: Callable[[str], None] = lambda line: None) -> Path:
                                      "install Go, or put an existing `ollama` on PATH")
     binary.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, GOBIN=str(binary.parent), CGO_ENABLED="1", GOFLAGS="-mod=mod")
+    level = cpu_level()
+    if level != "generic":
+        # ggml picks its SIMD kernels from the compiler's target macros (__AVX2__, __FMA__, …).
+        env["CGO_CFLAGS"] = env["CGO_CXXFLAGS"] = f"-O3 -march={level}"
     command = [go, "install", "-ldflags", f"-X {OLLAMA_MODULE}/version.Version={OLLAMA_VERSION}",
                f"{OLLAMA_MODULE}@v{OLLAMA_VERSION}"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,0 +1,42 @@
+"""The pinned Ollama is built for this CPU's x86-64 level, so ggml's CPU kernels use AVX2/FMA.
+
+A plain cgo build leaves ggml on baseline x86-64 (benchmarks/serving.py measured it at 0.08× of
+llama-cpp-python's tokens/s); the level picks the -march that turns on ggml's SIMD paths."""
+
+import re
+
+import pytest
+
+from ollama_ft.ollama_server import cpu_level, pinned_binary
+
+V3 = "flags\t\t: fpu sse sse2 avx avx2 fma f16c bmi1 bmi2 movbe abm popcnt"
+
+
+@pytest.mark.parametrize("flags, level", [
+    ("flags\t\t: fpu sse sse2 sse4_2 popcnt", "generic"),
+    (V3, "x86-64-v3"),
+    (V3 + " avx512f avx512bw avx512cd avx512dq avx512vl", "x86-64-v4"),
+    (V3.replace(" fma", ""), "generic"),     # AVX2 without FMA is not v3
+    ("processor\t: 0", "generic"),
+])
+def test_cpu_level_from_cpuinfo(flags, level):
+    assert cpu_level(f"processor\t: 0\n{flags}\n") == level
+
+
+def test_each_level_has_its_own_cached_binary():
+    assert pinned_binary("x86-64-v3") != pinned_binary("generic")
+    assert "x86-64-v3" in str(pinned_binary("x86-64-v3"))
+
+
+def test_the_built_ollama_runs_ggml_with_this_cpus_simd(ollama_server, demo_build):
+    """The runner that serves a model reports the CPU features its ggml was compiled with."""
+    level = cpu_level()
+    if level == "generic":
+        pytest.skip("this CPU has no AVX2/FMA")
+    if ollama_server.binary != pinned_binary():
+        pytest.skip(f"an `ollama` on PATH ({ollama_server.binary}) is used, not the pinned build")
+    ollama_server.client.generate(model=demo_build["model"], prompt="Merhaba", options={"num_predict": 1})
+    log = ollama_server.log_path.read_text(encoding="utf-8", errors="replace")
+    systems = re.findall(r"msg=system (.*)", log)
+    assert systems, "the runner never reported its ggml system info"
+    assert "CPU.0.AVX2=1" in systems[-1] and "CPU.0.FMA=1" in systems[-1], systems[-1][:400]
