@@ -1,13 +1,15 @@
 """The plain Hugging Face route: transformers loads the model, PEFT adds LoRA/DoRA, TRL trains.
 
 QLoRA loads the frozen base in 4-bit NF4 through bitsandbytes (CUDA only) and prepares it with
-`prepare_model_for_kbit_training`, which TRL does not call itself.
+`prepare_model_for_kbit_training`, which TRL does not call itself. The speed switches of
+`speedups.py` (padding-free batches, hand-written LoRA backward) go on per device by measurement.
 """
 
 from __future__ import annotations
 
 from ollama_ft.backends import TrainJob, TrainResult
 from ollama_ft.backends.common import pick_device, resolve_targets, run_sft, training_dtype
+from ollama_ft.backends.speedups import resolve_speedups
 
 
 class PeftBackend:
@@ -37,8 +39,12 @@ class PeftBackend:
         if device == "cuda" and not job.model["load_in_4bit"]:
             model = model.to("cuda")
 
+        speedups = resolve_speedups(t.get("speedups", []), device)
+        # Examples are already cut to max_seq_length; padding-free needs TRL not to re-check it.
+        overrides = {"padding_free": True, "max_length": None} if "padding_free" in speedups else {}
         if t["method"] == "full":
-            return run_sft(job, model, tokenizer, emit, device=device, dtype=dtype, kind="full")
+            return run_sft(job, model, tokenizer, emit, device=device, dtype=dtype, kind="full",
+                           config_overrides=overrides, speedups=[s for s in speedups if s != "fused_lora"])
 
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -48,4 +54,10 @@ class PeftBackend:
                             target_modules=resolve_targets(model, t["target_modules"]),
                             use_dora=t["method"] == "dora", bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
-        return run_sft(job, model, tokenizer, emit, device=device, dtype=dtype, kind="adapter")
+        if "fused_lora" in speedups:
+            from ollama_ft.backends.fast_lora import patch_peft_lora
+
+            if patch_peft_lora(model) == 0:   # dropout, DoRA: PEFT's own layers stay
+                speedups.remove("fused_lora")
+        return run_sft(job, model, tokenizer, emit, device=device, dtype=dtype, kind="adapter",
+                       config_overrides=overrides, speedups=speedups)
