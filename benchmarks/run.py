@@ -27,18 +27,24 @@ SEED = 42
 # (id, what, where in the results, goal as (op, bound), goal's source). "issue"/"README": the
 # goals the project set; "assumed": placeholders chosen here until the issue states one.
 ROWS = [
-    ("B1", "PEFT ÷ Unsloth tokens/s", ("train", "ratios", "B1 peft / unsloth tokens/s"), (">=", 1.0), "README"),
-    ("B1", "PEFT ÷ Unsloth peak memory", ("train", "ratios", "B1 peft / unsloth peak memory"), ("<=", 1.2), "README"),
+    ("B1", "PEFT ÷ Unsloth tokens/s", ("train", "ratios", "B1 peft / unsloth tokens/s"), (">=", 1.0), "issue"),
+    ("B1", "PEFT ÷ Unsloth peak memory", ("train", "ratios", "B1 peft / unsloth peak memory"), ("<=", 1.2), "issue"),
     ("B3", "padded batches: non-pad ÷ processed tokens", ("padding", "padded", "efficiency"), None, ""),
-    ("B3", "packed rows: non-pad ÷ processed tokens", ("padding", "packed", "efficiency"), (">=", 0.95), "assumed"),
+    ("B3", "packed rows: non-pad ÷ processed tokens", ("padding", "packed", "efficiency"), (">=", 0.97), "issue"),
+    ("B3", "training batches, PEFT padded: non-pad ÷ computed", ("train", "ratios", "B3 peft non-pad / computed tokens"), None, ""),
+    ("B3", "training batches, PEFT padding-free: non-pad ÷ computed", ("train", "ratios", "B3 peft+padding_free non-pad / computed tokens"), (">=", 0.97), "issue"),
+    ("switch", "padding_free: PEFT tokens/s ÷ plain PEFT", ("train", "ratios", "switch peft+padding_free / peft tokens/s"), None, ""),
+    ("switch", "padding_free: largest relative loss difference per step", ("train", "ratios", "switch peft+padding_free max relative loss difference"), ("<=", 0.01), "numerical agreement"),
+    ("switch", "fused_lora: PEFT tokens/s ÷ plain PEFT", ("train", "ratios", "switch peft+fused_lora / peft tokens/s"), None, ""),
+    ("switch", "fused_lora: largest relative loss difference per step", ("train", "ratios", "switch peft+fused_lora max relative loss difference"), ("<=", 0.01), "numerical agreement"),
     ("B5", "convert wall ÷ disk I/O of the same bytes", ("stage_io", "convert", "time_ratio"), ("<=", 1.3), "issue"),
     ("B5", "convert peak RSS ÷ model bytes", ("stage_io", "convert", "rss_ratio"), ("<=", 1.3), "issue"),
     ("B5", "quantize wall ÷ disk I/O of the same bytes", ("stage_io", "quantize", "time_ratio"), ("<=", 1.3), "issue"),
     ("B5", "quantize peak RSS ÷ model bytes", ("stage_io", "quantize", "rss_ratio"), ("<=", 1.3), "issue"),
-    ("B6", "register wall ÷ (2 reads + 1 write of the GGUF)", ("serving", "register", "ratio"), ("<=", 1.3), "assumed"),
-    ("B6", "`ollama-ft --help` wall seconds (median of 5)", ("serving", "help_seconds"), ("<=", 0.5), "assumed"),
-    ("B7", "Ollama ÷ llama-cpp-python generation tokens/s", ("serving", "generation", "ratio"), (">=", 0.9), "assumed"),
-    ("B8", "perplexity Q4_K_M ÷ F16", ("quality", "ratio"), ("<=", 1.05), "assumed"),
+    ("B6", "register wall ÷ (2 reads + 1 write of the GGUF)", ("serving", "register", "ratio"), ("<=", 1.5), "issue"),
+    ("B6", "`ollama-ft --help` wall seconds (median of 5)", ("serving", "help_seconds"), ("<=", 0.3), "issue"),
+    ("B7", "Ollama ÷ llama-cpp-python generation tokens/s", ("serving", "generation", "ratio"), (">=", 0.9), "issue"),
+    ("B8", "perplexity Q4_K_M ÷ F16", ("quality", "ratio"), ("<=", 1.05), "assumed; the issue asks only for the figure"),
 ]
 
 
@@ -77,7 +83,7 @@ def train_throughput(out: Path, work: Path, quick: bool, shape: str) -> dict:
     # A subprocess, so its record carries its own command line, as when run by hand.
     args = ["--shape", shape, "--seq", "200", "--work", str(work), "--out", str(out / "train_throughput")]
     args += ["--steps", "4", "--warmup", "1", "--variants", "peft"] if quick else \
-        ["--steps", "8", "--warmup", "2", "--variants", "peft,unsloth"]
+        ["--steps", "8", "--warmup", "2", "--variants", "peft,unsloth,peft+padding_free,peft+fused_lora"]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", *args], cwd=ROOT,
                           capture_output=True, text=True)
     if proc.returncode != 0:

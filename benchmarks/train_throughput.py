@@ -3,12 +3,20 @@
     python -m benchmarks.train_throughput --shape llama --steps 12            # CPU, tiny (CI-sized)
     python -m benchmarks.train_throughput --shape llama-1b --steps 40 --seq 1750 \
         --variants peft,unsloth,peft-qlora,unsloth-qlora --optim adamw_8bit    # GPU, 1B shape
+    python -m benchmarks.train_throughput --variants peft,peft+padding_free,peft+fused_lora \
+        --data data/turkish-demo.jsonl --batch 16 --accum 1                 # switches, varied lengths
 
 Each variant trains through the same code path as `ollama-ft build` (ollama_ft.train → a worker
 subprocess per backend) on the same tokenised examples and seed. Reported per variant: non-pad
 tokens/s after `--warmup` steps, peak memory, final loss; B1 = PEFT ÷ Unsloth, B2 = MFU on the
 4N (and 6N with checkpointing) basis against the device's bf16 dense peak, B4 = ollama-ft's
 Unsloth backend ÷ a bare Unsloth script (benchmarks/bare_unsloth.py) with identical settings.
+
+A variant `peft+SWITCH[+SWITCH]` turns on the PEFT backend's speed switches (ollama_ft/backends/
+speedups.py); plain variants run with none, whatever the device's defaults. Each switched variant
+is reported against its plain one: tokens/s and memory ratios, and the largest relative
+difference between their per-step loss curves (same data order). B3 here is measured on the
+batches training computed: non-pad ÷ computed positions.
 """
 
 from __future__ import annotations
@@ -52,7 +60,8 @@ def run_variant(variant: str, base: Path, data: Path, args, work: Path) -> dict:
     from ollama_ft.chat_templates import load_family
     from ollama_ft.train import TrainInput, train
 
-    backend, _, mode = variant.partition("-")
+    name, *switches = variant.split("+")     # "peft+padding_free": the PEFT backend with one switch on
+    backend, _, mode = name.partition("-")
     qlora = mode == "qlora"
     folder = work / variant
     shutil.rmtree(folder, ignore_errors=True)  # a leftover checkpoint would be resumed, not measured
@@ -67,7 +76,8 @@ def run_variant(variant: str, base: Path, data: Path, args, work: Path) -> dict:
                "learning_rate": 2e-4, "lr_scheduler": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0,
                "optimizer": args.optim, "batch_size": args.batch, "gradient_accumulation": args.accum,
                "seed": 42, "packing": False, "gradient_checkpointing": not args.no_checkpointing,
-               "assistant_only_loss": True, "logging_steps": 5, "save_steps": 10_000, "report_to": "none"},
+               "assistant_only_loss": True, "logging_steps": 1, "save_steps": 10_000, "report_to": "none",
+               "speedups": switches},
         assistant_only_loss=True, log_path=str(folder / "train.log"))
     start = time.perf_counter()
     result = train(TrainInput(job, examples, None, folder))
@@ -78,6 +88,8 @@ def run_variant(variant: str, base: Path, data: Path, args, work: Path) -> dict:
            "peak_memory_gib": result.peak_memory_bytes / 2**30, "peak_memory_kind": result.peak_memory_kind,
            "final_loss": result.final_loss, "trainable_parameters": result.trainable_parameters,
            "total_parameters": result.total_parameters, "wall_seconds_incl_load": wall,
+           "speedups": result.speedups, "padding_efficiency": result.padding_efficiency,
+           "loss_curve": [h["loss"] for h in result.loss_history],
            "device": result.device_name, "versions": result.versions}
     peak = device_peak(result.device_name)
     if peak:
@@ -124,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--optim", default="adamw_torch")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--data", type=Path, default=None,
+                   help="train on this JSONL (e.g. data/turkish-demo.jsonl) instead of generated ~--seq-token chats")
     p.add_argument("--bare-unsloth", action="store_true", help="also run B4's bare Unsloth script")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
     p.add_argument("--out", type=Path, default=None, help="folder for train_throughput.{json,md}")
@@ -131,6 +145,8 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     count = args.steps * args.batch * args.accum + 8
     base, data = prepare(args.shape, args.seq, count, args.work)
+    if args.data:   # real examples of varied length instead of the generated long chats
+        data = args.data.resolve()
     rows = []
     for variant in args.variants.split(","):
         print(f"== {variant}", file=sys.stderr, flush=True)
@@ -145,6 +161,15 @@ def main(argv=None) -> int:
         if f"peft{mode}" in ok and f"unsloth{mode}" in ok:
             ratios[f"B1 peft{mode} / unsloth{mode} tokens/s"] = ok[f"peft{mode}"]["tokens_per_second"] / ok[f"unsloth{mode}"]["tokens_per_second"]
             ratios[f"B1 peft{mode} / unsloth{mode} peak memory"] = ok[f"peft{mode}"]["peak_memory_gib"] / ok[f"unsloth{mode}"]["peak_memory_gib"]
+    for variant, row in ok.items():
+        # Each switch against the same variant without it, and whether the loss curve still agrees.
+        plain = ok.get(variant.split("+")[0])
+        if "+" in variant and plain:
+            ratios[f"switch {variant} / {plain['variant']} tokens/s"] = row["tokens_per_second"] / plain["tokens_per_second"]
+            ratios[f"switch {variant} / {plain['variant']} peak memory"] = row["peak_memory_gib"] / plain["peak_memory_gib"]
+            ratios[f"switch {variant} max relative loss difference"] = max(
+                (abs(a - b) / abs(b) for a, b in zip(row["loss_curve"], plain["loss_curve"])), default=0.0)
+        ratios[f"B3 {variant} non-pad / computed tokens"] = row["padding_efficiency"]
     if args.bare_unsloth and "unsloth" in ok:
         bare = run_bare_unsloth(base, data, args, args.work)
         if bare:
@@ -153,6 +178,7 @@ def main(argv=None) -> int:
     meta = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "python": platform.python_version(),
             "shape": args.shape, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
             "batch": args.batch, "accum": args.accum, "optim": args.optim, "seed": 42,
+            "data": str(args.data or "generated long chats"),
             "gradient_checkpointing": not args.no_checkpointing, "command": " ".join(sys.argv)}
     report = {"meta": meta, "rows": rows, "ratios": ratios}
     md = f"# Training throughput ({meta['date']}, {rows[0].get('device', '?') if rows else '?'})\n\n" + table(
