@@ -5,8 +5,10 @@ B7: Ollama's generation tokens/s ÷ llama-cpp-python's on the same GGUF.
 
 Without `--gguf` it uses the Q4_K_M of the tiny base (built as in B5). A private `ollama serve`
 (OllamaServer, the pinned binary) with an empty models folder is started, so the blob is new.
-- B6: `register_model` under a fresh name ÷ (two reads + one fsynced write of the GGUF), measured
-  in the same run: the client reads the file to hash it and again to upload it, the server writes it.
+- B6: `register_model` under a fresh name, as the build calls it (the GGUF's sha256 known from
+  the quantize stage), ÷ (two reads + one fsynced write of the GGUF), measured in the same run:
+  the upload reads the file, the server hashes and writes it. The sha256 the quantize stage pays
+  is timed apart (`digest_seconds`); sha256 runs at ~150 MB/s on a CPU without SHA extensions.
   `ollama-ft --help`: the console script in a subprocess, median of 5.
 - B7: the same raw prompt, greedy, `num_predict` 128 and 2 threads on both sides. Ollama's figure
   is eval_count ÷ eval_duration; llama-cpp-python is timed over exactly as many decode steps
@@ -53,7 +55,7 @@ def help_seconds(runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def register_seconds(gguf: Path, host: str) -> tuple[float, str]:
+def register_seconds(gguf: Path, host: str) -> tuple[float, float, str]:
     from ollama_ft.chat_templates import load_family
     from ollama_ft.modelfile import ModelfileSpec
     from ollama_ft.register import RegisterInput, register_model
@@ -62,9 +64,14 @@ def register_seconds(gguf: Path, host: str) -> tuple[float, str]:
     name = f"bench-{uuid.uuid4().hex[:8]}"  # fresh: register refuses to replace without force
     spec = ModelfileSpec(gguf_path=gguf, template=family.go_template, stops=list(family.stop),
                          parameters={"num_ctx": NUM_CTX})
+    from ollama_ft.runs import file_digest
+
     start = time.perf_counter()
-    register_model(RegisterInput(name, host, spec))
-    return time.perf_counter() - start, name
+    digest = file_digest(gguf)   # the quantize stage's, in a build
+    digest_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    register_model(RegisterInput(name, host, spec, expected_digest=digest))
+    return time.perf_counter() - start, digest_seconds, name
 
 
 def ollama_generate(host: str, name: str, num_predict: int = NUM_PREDICT) -> dict:
@@ -120,7 +127,7 @@ def run(work: Path, gguf: Path | None = None) -> dict:
         io = io_seconds([gguf, gguf], gguf.stat().st_size, folder)
         with OllamaServer(folder / "models", log_path=folder / "serve.log") as server:
             version = server_version(server.host)
-            reg, name = register_seconds(gguf, server.host)
+            reg, digest_seconds, name = register_seconds(gguf, server.host)
             ollama_runs: list[dict] = []
             asked = 4
             try:
@@ -145,7 +152,7 @@ def run(work: Path, gguf: Path | None = None) -> dict:
     cpp_tps = statistics.median(r["tokens_per_second"] for r in cpp_runs)
     return {
         "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "ollama_version": version,
-        "register": {"seconds": reg, "io_seconds": io, "ratio": reg / io},
+        "register": {"seconds": reg, "io_seconds": io, "ratio": reg / io, "digest_seconds": digest_seconds},
         "help_seconds": help_seconds(),
         "generation": {"tokens": count, "threads": THREADS, "prompt": PROMPT, "ollama_ggml": ollama_cpu,
                        "llama_cpp_ggml": llama_cpp.llama_print_system_info().decode().strip(),
