@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -60,8 +61,15 @@ def fine_tune(base: Path, steps: int, folder: Path) -> Path:
         assistant_only_loss=False, log_path=str(folder / "train.log"))
     # One thread: B8 needs a trained model, not a fast one, and two torch threads on two shared
     # cores slowed training 10-30x whenever another process was busy (seen on the 2-core CI machine).
-    launcher = ["env", "OMP_NUM_THREADS=1", sys.executable, "-m"]
-    result = train(TrainInput(job, examples, None, folder, launcher=launcher))
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"   # the worker inherits it
+    try:
+        result = train(TrainInput(job, examples, None, folder))
+    finally:
+        if previous is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
     return Path(result.output_dir)
 
 
