@@ -82,6 +82,8 @@ class RichReporter:
             self.console.print(f"[bold]▶ {label}[/]")
         elif status == "skip":
             self.console.print(f"[dim]· {label}: up to date, skipped[/]")
+        elif status == "warn":
+            self.console.print(f"[yellow]warning ({label}):[/] {detail}")
         elif status == "done":
             if name in self.tasks:
                 self.bar.remove_task(self.tasks.pop(name))
@@ -277,17 +279,19 @@ def doctor(recipe: Path | None, host: str | None, runs_dir: Path, as_json: bool)
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--device-gib", type=float, help="Memory of the training device in GiB (default: detected).")
+@click.option("--num-processes", type=click.IntRange(1), default=1, show_default=True,
+              help="Per-device figures for `build --launcher accelerate --num-processes N`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
-def estimate(recipe: Path, device_gib: float | None, as_json: bool) -> None:
+def estimate(recipe: Path, device_gib: float | None, num_processes: int, as_json: bool) -> None:
     """Estimate the memory and disk RECIPE needs (weights, gradients, optimizer, activations)."""
     from dataclasses import asdict
 
-    from ollama_ft.estimate import estimate_memory, render_estimate
+    from ollama_ft.estimate import estimate_memory, render_estimate, training_device_bytes
     from ollama_ft.recipe import load_recipe
 
     loaded = load_recipe(recipe, check_files=False)
-    device_bytes, cpu = (int(device_gib * 2**30), False) if device_gib else _training_device_bytes()
-    est = estimate_memory(loaded, device_bytes=device_bytes, cpu=cpu)
+    device_bytes, cpu = (int(device_gib * 2**30), False) if device_gib else training_device_bytes()
+    est = estimate_memory(loaded, device_bytes=device_bytes, cpu=cpu, num_processes=num_processes)
     if as_json:
         _print_json(asdict(est))
         return
@@ -295,23 +299,6 @@ def estimate(recipe: Path, device_gib: float | None, as_json: bool) -> None:
     console.print(render_estimate(est))
     if est.warning:
         console.print(f"[yellow]warning:[/] {est.warning}")
-
-
-def _training_device_bytes() -> tuple[int | None, bool]:
-    """(memory of the device training would use, whether that is the CPU)."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_properties(0).total_memory, False
-    try:
-        with open("/proc/meminfo") as fh:
-            kib = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable"))
-        return kib * 1024, True
-    except (OSError, StopIteration):
-        return None, True
 
 
 @main.command()

@@ -145,10 +145,13 @@ def _size(n: float) -> str:
     return f"{int(n)} B" if unit == 0 else f"{n:.1f} {('KiB', 'MiB', 'GiB')[unit - 1]}"
 
 
-def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None, cpu: bool = False) -> Estimate:
+def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None, cpu: bool = False,
+                    num_processes: int = 1) -> Estimate:
     """Memory to train `recipe` (weights, gradients, optimizer, activations) and disk the build writes.
 
-    `cpu=True` resolves dtype "auto" as training does on a CPU (float32) instead of bfloat16."""
+    `cpu=True` resolves dtype "auto" as training does on a CPU (float32) instead of bfloat16.
+    With `num_processes` > 1 (`--launcher accelerate`) the figures are per device: DDP keeps a
+    full copy per process, FSDP (full fine-tuning) shards weights, gradients and optimizer state."""
     shape, t, m = base_shape(recipe), recipe.train, recipe.model
     params, h, layers = shape.parameters(), shape.hidden_size, shape.num_layers
     notes: list[str] = []
@@ -185,6 +188,12 @@ def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None, cpu: boo
         weights += 4 * trainable
         grads = 4 * trainable
         optimizer = moments * trainable
+
+    if num_processes > 1 and t.method == "full":
+        weights, grads, optimizer = (-(-x // num_processes) for x in (weights, grads, optimizer))
+        notes.append(f"per device: FSDP shards weights, gradients and optimizer state over {num_processes} processes")
+    elif num_processes > 1:
+        notes.append(f"per device: each of the {num_processes} DDP processes holds the whole model")
 
     tokens = t.batch_size * m.max_seq_length
     # Bytes kept for backward per token per layer, 16-bit: attention 8h + 6·kv (norm output, q/k/v,
@@ -279,3 +288,28 @@ def render_estimate(est: Estimate) -> Table:
     caption.append("\n".join(est.notes))
     table.caption = caption if caption.plain.strip() else None
     return table
+
+
+def training_device_bytes(force_cpu: bool = False) -> tuple[int | None, bool]:
+    """(memory of the device training would use, whether that is the CPU).
+
+    Asks nvidia-smi rather than torch: torch would open a CUDA context in this process, which
+    holds GPU memory for as long as the build runs beside the training worker."""
+    import shutil
+    import subprocess
+
+    if not force_cpu and shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=20)
+            mib = [int(line) for line in out.stdout.split() if line.strip().isdigit()]
+            if out.returncode == 0 and mib:
+                return mib[0] * 2**20, False
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            pass
+    try:
+        with open("/proc/meminfo") as fh:
+            kib = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable"))
+        return kib * 1024, True
+    except (OSError, StopIteration):
+        return None, True

@@ -27,7 +27,7 @@ STAGES = ("train", "merge", "convert", "quantize", "modelfile", "register", "smo
 
 
 class Reporter(Protocol):
-    def stage(self, name: str, status: str, detail: str = "") -> None: ...   # start | skip | done
+    def stage(self, name: str, status: str, detail: str = "") -> None: ...   # start | skip | done | warn
     def progress(self, name: str, done: int, total: int, detail: str = "") -> None: ...
 
 
@@ -129,6 +129,23 @@ def require_cuda(what: str, device: str) -> None:
     if not cuda:
         raise UserInputError(f"{what} needs a CUDA GPU, and none is available here",
                              "set model.load_in_4bit = false and train.method = 'lora' to train on this machine")
+
+
+def memory_estimate(recipe: Recipe, options: BuildOptions) -> dict[str, Any] | None:
+    """`ollama-ft estimate` for what this build trains, on the device it trains on; None if unknown."""
+    from ollama_ft.estimate import estimate_memory, training_device_bytes
+
+    if options.qlora:
+        method = "qlora" if recipe.train.method in ("lora", "dora") else recipe.train.method
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"load_in_4bit": True}),
+                                           "train": recipe.train.model_copy(update={"method": method})})
+    device_bytes, cpu = training_device_bytes(force_cpu=options.device == "cpu")
+    try:
+        est = estimate_memory(recipe, device_bytes=device_bytes, cpu=cpu, num_processes=options.num_processes)
+    except OllamaFtError:
+        return None   # a hub model whose config is not cached: nothing to estimate from
+    return {"total_bytes": est.total_bytes, "breakdown": est.breakdown, "device_bytes": device_bytes,
+            "device": "cpu" if cpu else "cuda", "fits": est.fits, "warning": est.warning}
 
 
 def require_tensorboard() -> None:
@@ -305,6 +322,11 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
                        model=model_section, train=train_section, assistant_only_loss=assistant_only,
                        log_path=str(run.path("train.log")), device=options.device)
 
+        estimate = memory_estimate(recipe, options)
+        if estimate and estimate.get("warning"):
+            options.reporter.stage("train", "warn", estimate["warning"])
+            runner.log(f"train warning: {estimate['warning']}")
+
         def on_event(event: dict) -> None:
             if event.get("event") in ("step", "log") and event.get("total_steps"):
                 loss = f"loss {event['loss']:.3f}" if "loss" in event else ""
@@ -313,6 +335,9 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
         result = train(TrainInput(job, examples, validation or None, work, launcher), on_event)
         out = asdict(result)
         out["launcher"] = launcher.describe()
+        if estimate:   # beside the measured peak, so the estimate can be checked run by run
+            out["memory_estimate"] = estimate
+            out["peak_memory_vs_estimate"] = result.peak_memory_bytes / estimate["total_bytes"]
         out["data"] = data.summary()
         out["family"] = family.name
         out["trained_size_bytes"] = tree_size(Path(result.output_dir))

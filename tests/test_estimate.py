@@ -141,3 +141,30 @@ def test_estimate_is_within_3x_of_a_real_cpu_run() -> None:
     ratio = measured / est.total_bytes
     assert 1 / 3 <= ratio <= 3, (f"estimate {est.total_bytes / 2**20:.0f} MiB vs measured peak "
                                  f"{measured / 2**20:.0f} MiB: ratio {ratio:.2f} is outside 1/3..3")
+
+
+def test_per_device_figures_for_several_processes() -> None:
+    full, lora = _recipe(train='method = "full"'), _recipe(train='method = "lora"')
+    one, four = estimate_memory(full), estimate_memory(full, num_processes=4)
+    states = ("weights", "gradients", "optimizer")
+    # FSDP shards the model's states over the processes; activations stay per process.
+    assert sum(four.breakdown[k] for k in states) * 4 == pytest.approx(sum(one.breakdown[k] for k in states), abs=12)
+    assert four.breakdown["activations"] == one.breakdown["activations"]
+    assert any("FSDP" in n for n in four.notes)
+    # DDP: every process holds the whole LoRA model.
+    assert estimate_memory(lora, num_processes=4).total_bytes == estimate_memory(lora).total_bytes
+
+
+def test_build_warns_before_training_when_the_estimate_exceeds_the_device(monkeypatch) -> None:
+    from ollama_ft import estimate
+    from ollama_ft.pipeline import BuildOptions, memory_estimate
+
+    monkeypatch.setattr(estimate, "training_device_bytes", lambda force_cpu=False: (64 * 2**20, True))
+    found = memory_estimate(load_recipe(DEMO), BuildOptions(device="cpu"))
+    assert found["fits"] is False and found["device_bytes"] == 64 * 2**20
+    assert found["warning"].startswith("training needs about") and "64.0 MiB" in found["warning"]
+    roomy = (64 * 2**30, True)
+    monkeypatch.setattr(estimate, "training_device_bytes", lambda force_cpu=False: roomy)
+    fine = memory_estimate(load_recipe(DEMO), BuildOptions(device="cpu"))
+    assert fine["fits"] is True and fine["warning"] is None
+    assert fine["total_bytes"] == sum(fine["breakdown"].values())

@@ -80,6 +80,10 @@ def test_two_processes_train_the_same_adapter_as_one(one_and_two):
     assert t2["launcher"] == {"kind": "accelerate", "num_processes": 2, "config_file": None}
     assert (t1["parallelism"], t1["processes"]) == ("single", 1)
     assert (t2["parallelism"], t2["processes"]) == ("ddp", 2)
+    # metrics.json keeps the memory estimate beside the measured peak.
+    for t in (t1, t2):
+        assert t["memory_estimate"]["total_bytes"] > 0 and t["memory_estimate"]["device"] == "cpu"
+        assert t["peak_memory_vs_estimate"] == pytest.approx(t["peak_memory_bytes"] / t["memory_estimate"]["total_bytes"])
     assert t1["steps"] == t2["steps"] == 20
     # Both processes' tokens are counted: the same examples were seen in total.
     assert t1["tokens_seen"] == t2["tokens_seen"] > 0
