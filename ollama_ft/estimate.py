@@ -313,3 +313,22 @@ def training_device_bytes(force_cpu: bool = False) -> tuple[int | None, bool]:
         return kib * 1024, True
     except (OSError, StopIteration):
         return None, True
+
+
+def visible_gpu_count() -> int:
+    """CUDA GPUs this process may use, from nvidia-smi and CUDA_VISIBLE_DEVICES (0 without either)."""
+    import os
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    count = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = min(count, len([d for d in visible.split(",") if d.strip()]))
+    return count

@@ -236,6 +236,13 @@ def training_launcher(options: BuildOptions):
     if options.launcher == "accelerate" and options.backend == "unsloth" and options.num_processes > 1:
         raise UserInputError("the unsloth backend trains on one GPU; multi-process training is the peft backend's",
                              "use --backend peft with --num-processes, or drop --num-processes")
+    if options.num_processes > 1 and options.device != "cpu":
+        from ollama_ft.estimate import visible_gpu_count
+
+        gpus = visible_gpu_count()
+        if 0 < gpus < options.num_processes:   # no GPU at all: the processes train on the CPU
+            raise UserInputError(f"--num-processes {options.num_processes} needs one GPU per process; "
+                                 f"{gpus} visible", f"use --num-processes {gpus}")
     config = options.accelerate_config
     if config is not None and not Path(config).is_file():
         raise UserInputError(f"--accelerate-config {config}: no such file", "write one with `accelerate config`")

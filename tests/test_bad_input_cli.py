@@ -149,3 +149,16 @@ def test_launcher_commands():
     assert "--multi_gpu" not in Launcher("accelerate", 1).command("m")
     fsdp = Launcher("accelerate", 2, "/x/fsdp.yaml").command("m")
     assert fsdp[fsdp.index("--config_file") + 1] == "/x/fsdp.yaml" and "--multi_gpu" not in fsdp
+
+
+def test_more_processes_than_gpus(tmp_path, monkeypatch):
+    from ollama_ft import estimate
+
+    monkeypatch.setattr(estimate, "visible_gpu_count", lambda: 2)
+    (tmp_path / "d.jsonl").write_text(json.dumps(GOOD) + "\n", encoding="utf-8")
+    (tmp_path / "r.toml").write_text(RECIPE, encoding="utf-8")
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "r.toml"), "--runs-dir", str(tmp_path / "runs"),
+                                       "--launcher", "accelerate", "--num-processes", "4"])
+    assert result.exit_code == 2, result.output
+    assert "--num-processes 4 needs one GPU per process; 2 visible" in result.stderr
+    assert "use --num-processes 2" in result.stderr and not (tmp_path / "runs").exists()
