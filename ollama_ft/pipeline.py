@@ -255,7 +255,7 @@ def build(recipe: Recipe, options: BuildOptions | None = None) -> BuildResult:
     from ollama_ft.backends import check_backend_available
 
     check_backend_available(options.backend)
-    training_launcher(options)
+    launcher = training_launcher(options)
     if recipe.train.report_to == "tensorboard":
         require_tensorboard()
     if options.from_stage and options.from_stage not in STAGES:
@@ -277,7 +277,7 @@ def build(recipe: Recipe, options: BuildOptions | None = None) -> BuildResult:
         elif options.from_stage:
             run.drop_records(list(STAGES[STAGES.index(options.from_stage):]))
         runner = _Runner(run, options)
-        _build_stages(recipe, options, run, runner, host, name, data)
+        _build_stages(recipe, options, run, runner, host, name, data, launcher)
         runner.metrics["build"] = {"recipe": str(recipe.path), "backend": options.backend,
                                    "variant": variant_name(options), "model": name, "host": host,
                                    "ran": runner.ran, "skipped": runner.skipped}
@@ -286,7 +286,7 @@ def build(recipe: Recipe, options: BuildOptions | None = None) -> BuildResult:
 
 
 def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _Runner, host: str, name: str,
-                  data) -> None:
+                  data, launcher) -> None:
     base_path, base_fp = base_model_path(recipe, Path(options.runs_root))
     family = resolve_family(recipe.model.chat_template,
                             tokenizer_template(base_path, recipe.model.trust_remote_code)
@@ -307,7 +307,6 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
         assistant_only = data.format != "text"
 
     # 1. train --------------------------------------------------------------------------------
-    launcher = training_launcher(options)
     # The default launcher is left out, so runs made before launchers existed keep their key.
     train_key = fingerprint(base_fp, data_fp, model_section, train_section, family.jinja, options.backend,
                             assistant_only, *([launcher.describe()] if launcher.kind != "python" else [None]))
