@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -79,8 +80,16 @@ def run_variant(variant: str, base: Path, data: Path, args, work: Path) -> dict:
                "assistant_only_loss": True, "logging_steps": 1, "save_steps": 10_000, "report_to": "none",
                "speedups": switches},
         assistant_only_loss=True, log_path=str(folder / "train.log"))
+    profiled = variant in args.profile.split(",")
+    if profiled:   # read by the worker (ollama_ft/backends/profiling.py)
+        # The last two warm-up steps: the profiler's overhead stays out of the timed steps.
+        os.environ.update(OLLAMA_FT_PROFILE=str(folder / "profile"),
+                          OLLAMA_FT_PROFILE_START=str(max(1, args.warmup - 2)), OLLAMA_FT_PROFILE_STEPS="2")
     start = time.perf_counter()
-    result = train(TrainInput(job, examples, None, folder))
+    try:
+        result = train(TrainInput(job, examples, None, folder))
+    finally:
+        os.environ.pop("OLLAMA_FT_PROFILE", None)
     wall = time.perf_counter() - start
     steady = result.steady_tokens_per_second(args.warmup)
     row = {"variant": variant, "backend": backend, "qlora": qlora, "steps": result.steps,
@@ -91,6 +100,10 @@ def run_variant(variant: str, base: Path, data: Path, args, work: Path) -> dict:
            "speedups": result.speedups, "padding_efficiency": result.padding_efficiency,
            "loss_curve": [h["loss"] for h in result.loss_history],
            "device": result.device_name, "versions": result.versions}
+    if profiled and (folder / "profile" / "profile.json").exists():
+        summary = json.loads((folder / "profile" / "profile.json").read_text())
+        row["profile"] = {k: summary[k] for k in ("wall_seconds", "busy_fraction", "categories")}
+        row["profile"]["top"] = summary["top"][:25]
     peak = device_peak(result.device_name)
     if peak:
         n = result.total_parameters
@@ -119,6 +132,12 @@ def table(rows: list[dict], ratios: dict) -> str:
         lines.append(f"| {r['variant']} | {r['tokens_per_second']:,.0f} | {r['peak_memory_gib']:.2f} "
                      f"({r['peak_memory_kind']}) | {r['final_loss']:.4f} | {mfu4} | {mfu6} |")
     lines.append("")
+    for r in rows:
+        if "profile" in r:   # where the profiled steps' device time went
+            prof = r["profile"]
+            parts = ", ".join(f"{k} {v:.3f} s" for k, v in prof["categories"].items())
+            lines.append(f"- profile {r['variant']}: {prof['wall_seconds']:.2f} s wall for 2 steps, "
+                         f"busy {prof['busy_fraction']:.0%}: {parts}")
     for k, v in ratios.items():
         lines.append(f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}")
     return "\n".join(lines)
@@ -139,6 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=None,
                    help="train on this JSONL (e.g. data/turkish-demo.jsonl) instead of generated ~--seq-token chats")
     p.add_argument("--bare-unsloth", action="store_true", help="also run B4's bare Unsloth script")
+    p.add_argument("--profile", default="", help="comma-separated variants to profile for 2 steps after warm-up")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
     p.add_argument("--out", type=Path, default=None, help="folder for train_throughput.{json,md}")
     args = p.parse_args(argv)

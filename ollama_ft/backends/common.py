@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ollama_ft.backends import TrainJob, TrainResult
+from ollama_ft.backends.profiling import profiler_from_environment
 
 LINEAR_TARGETS_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -250,9 +251,12 @@ def run_sft(job: TrainJob, model, tokenizer, emit, *, device: str, dtype, kind: 
     history: list[dict] = []
     stop_flag = {"stop": False}
     timeline: list[tuple[int, float, int]] = []
+    callbacks = [make_callback(emit, history, stop_flag, timeline)]
+    profiler = profiler_from_environment(device)   # benchmarks only: where a step's time goes
+    if profiler is not None:
+        callbacks.append(profiler)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[make_callback(emit, history, stop_flag, timeline)],
-                         **(trainer_overrides or {}))
+                         processing_class=tokenizer, callbacks=callbacks, **(trainer_overrides or {}))
 
     # Hash what the first batches contain, in order: two backends with the same seed must agree.
     order = hashlib.sha256()

@@ -40,6 +40,8 @@ class PeftBackend:
             model = model.to("cuda")
 
         speedups = resolve_speedups(t.get("speedups", []), device)
+        if not job.model["load_in_4bit"] and "no_fp32_upcast" in speedups:
+            speedups.remove("no_fp32_upcast")   # only 4-bit loading upcasts
         # Examples are already cut to max_seq_length; padding-free needs TRL not to re-check it.
         overrides = {"padding_free": True, "max_length": None} if "padding_free" in speedups else {}
         if t["method"] == "full":
@@ -48,7 +50,14 @@ class PeftBackend:
 
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        if job.model["load_in_4bit"]:
+        if job.model["load_in_4bit"] and "no_fp32_upcast" in speedups:
+            # What prepare_model_for_kbit_training does, less its cast of every non-4-bit weight
+            # (embeddings, LM head, norms) to float32: frozen weights need no float32 copy, and
+            # float32 norm weights turn the whole residual stream float32. Checkpointing is
+            # non-reentrant here, so the inputs need no requires_grad hook.
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
+        elif job.model["load_in_4bit"]:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t["gradient_checkpointing"])
         config = LoraConfig(r=t["rank"], lora_alpha=t["alpha"], lora_dropout=t["dropout"],
                             target_modules=resolve_targets(model, t["target_modules"]),

@@ -14,7 +14,7 @@ can name its own list in `train.speedups`; `"auto"` takes the defaults below.
 
 from __future__ import annotations
 
-SWITCHES = ("padding_free", "fused_lora")
+SWITCHES = ("padding_free", "fused_lora", "no_fp32_upcast")
 
 # device -> switch -> (on, the measurement behind the choice)
 DEFAULTS: dict[str, dict[str, tuple[bool, str]]] = {
@@ -24,11 +24,13 @@ DEFAULTS: dict[str, dict[str, tuple[bool, str]]] = {
                                "tokens/s in two runs; equal-length chats (94% real): 0.91×"),
         "fused_lora": (False, "0.99× and 1.26× in two runs (within noise) at 4M parameters; off until it "
                               "measures faster"),
+        "no_fp32_upcast": (False, "QLoRA needs CUDA; never applies on CPU"),
     },
     "cuda": {
         # H100, 1B shape, ~1,750-token chats (issue 7): the flattened batch loses SDPA's fast path.
         "padding_free": (False, "H100 1B shape: TRL padding_free with SDPA at 0.28× Unsloth, padded 0.72×"),
         "fused_lora": (False, "not yet measured on a GPU; off until it is"),
+        "no_fp32_upcast": (False, "not yet measured on a GPU; off until it is"),
     },
 }
 
