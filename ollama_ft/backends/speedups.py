@@ -14,7 +14,8 @@ can name its own list in `train.speedups`; `"auto"` takes the defaults below.
 
 from __future__ import annotations
 
-SWITCHES = ("padding_free", "fused_lora", "no_fp32_upcast")
+SWITCHES = ("padding_free", "fused_lora", "no_fp32_upcast", "fused_ce", "fused_rmsnorm", "fused_rope",
+            "fused_swiglu")
 
 # device -> switch -> (on, the measurement behind the choice)
 DEFAULTS: dict[str, dict[str, tuple[bool, str]]] = {
@@ -25,12 +26,20 @@ DEFAULTS: dict[str, dict[str, tuple[bool, str]]] = {
         "fused_lora": (False, "0.99× and 1.26× in two runs (within noise) at 4M parameters; off until it "
                               "measures faster"),
         "no_fp32_upcast": (False, "QLoRA needs CUDA; never applies on CPU"),
+        "fused_ce": (False, "not yet measured; off until it is"),
+        "fused_rmsnorm": (False, "Triton kernel: CUDA only"),
+        "fused_rope": (False, "Triton kernel: CUDA only"),
+        "fused_swiglu": (False, "Triton kernel: CUDA only"),
     },
     "cuda": {
         # H100, 1B shape, ~1,750-token chats (issue 7): the flattened batch loses SDPA's fast path.
         "padding_free": (False, "H100 1B shape: TRL padding_free with SDPA at 0.28× Unsloth, padded 0.72×"),
         "fused_lora": (False, "not yet measured on a GPU; off until it is"),
         "no_fp32_upcast": (False, "not yet measured on a GPU; off until it is"),
+        "fused_ce": (False, "not yet measured on a GPU; off until it is"),
+        "fused_rmsnorm": (False, "not yet measured on a GPU; off until it is"),
+        "fused_rope": (False, "not yet measured on a GPU; off until it is"),
+        "fused_swiglu": (False, "not yet measured on a GPU; off until it is"),
     },
 }
 
