@@ -257,6 +257,12 @@ def run_sft(job: TrainJob, model, tokenizer, emit, *, device: str, dtype, kind: 
         callbacks.append(profiler)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=callbacks, **(trainer_overrides or {}))
+    if "fused_ce" in (speedups or []):
+        from ollama_ft.backends.fused_ce import patch_fused_cross_entropy
+
+        # It stands in for TRL's chunked_nll loss only; other losses, and heads it does not cover, stay TRL's.
+        if trainer.args.loss_type != "chunked_nll" or not patch_fused_cross_entropy(model):
+            speedups.remove("fused_ce")
 
     # Hash what the first batches contain, in order: two backends with the same seed must agree.
     order = hashlib.sha256()
