@@ -2,7 +2,8 @@
 
 QLoRA loads the frozen base in 4-bit NF4 through bitsandbytes (CUDA only) and prepares it with
 `prepare_model_for_kbit_training`, which TRL does not call itself. The speed switches of
-`speedups.py` (padding-free batches, hand-written LoRA backward) go on per device by measurement.
+`speedups.py` (padding-free batches, hand-written LoRA backward, Triton kernels) go on per device
+by measurement.
 """
 
 from __future__ import annotations
@@ -10,6 +11,19 @@ from __future__ import annotations
 from ollama_ft.backends import TrainJob, TrainResult
 from ollama_ft.backends.common import pick_device, resolve_targets, run_sft, training_dtype
 from ollama_ft.backends.speedups import resolve_speedups
+
+KERNEL_SWITCHES = ("fused_rmsnorm", "fused_rope", "fused_swiglu")   # Triton kernels, fused_kernels.py
+
+
+def apply_kernel_switches(model, speedups: list[str], device: str) -> list[str]:
+    """`speedups` less the Triton switches that did not apply to `model`: all of them where Triton cannot run."""
+    requested = [s for s in speedups if s in KERNEL_SWITCHES]
+    if not requested:
+        return speedups
+    from ollama_ft.backends import fused_kernels
+
+    applied = fused_kernels.patch_model(model, requested) if fused_kernels.available(device) else []
+    return [s for s in speedups if s not in requested or s in applied]
 
 
 class PeftBackend:
@@ -45,6 +59,7 @@ class PeftBackend:
         # Examples are already cut to max_seq_length; padding-free needs TRL not to re-check it.
         overrides = {"padding_free": True, "max_length": None} if "padding_free" in speedups else {}
         if t["method"] == "full":
+            speedups = apply_kernel_switches(model, speedups, device)
             return run_sft(job, model, tokenizer, emit, device=device, dtype=dtype, kind="full",
                            config_overrides=overrides, speedups=[s for s in speedups if s != "fused_lora"])
 
@@ -68,5 +83,6 @@ class PeftBackend:
 
             if patch_peft_lora(model) == 0:   # dropout, DoRA: PEFT's own layers stay
                 speedups.remove("fused_lora")
+        speedups = apply_kernel_switches(model, speedups, device)
         return run_sft(job, model, tokenizer, emit, device=device, dtype=dtype, kind="adapter",
                        config_overrides=overrides, speedups=speedups)
