@@ -167,7 +167,8 @@ def _render(*, filename: str, base: str, chat_template: str, data: str, name: st
             ("logging_steps", "10", "how often loss is reported"),
             ("save_steps", "200", "checkpoint interval: an interrupted run resumes from the last one"),
             ("report_to", q("none"), "\"tensorboard\" also logs metrics for TensorBoard"),
-            ("speedups", q("auto"), "PEFT backend: what measured faster on this device; [\"padding_free\", \"fused_lora\"] or []"),
+            ("speedups", q("auto"), "PEFT backend: what measured faster on this device, [] for none, or a list of "
+             "ollama_ft/backends/speedups.py's switches"),
         ],
         "export": [
             ("quantization", q("q4_k_m"), "q4_k_m: small, good; q5_k_m / q6_k: closer to F16, bigger; q8_0: ~lossless"),

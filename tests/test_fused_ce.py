@@ -19,6 +19,9 @@ pytest.importorskip("trl")
 from ollama_ft.backends import fused_ce  # noqa: E402
 from ollama_ft.backends.fused_ce import fused_linear_cross_entropy, patch_fused_cross_entropy  # noqa: E402
 
+# Importing transformers in this process trips torch.jit's own deprecation notice.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 F = torch.nn.functional
 DATA = Path(__file__).resolve().parent.parent / "data" / "turkish-demo.jsonl"
 VOCAB, HIDDEN = 37, 16

@@ -79,6 +79,7 @@ def test_good_recipe_parses_and_resolves_paths(tmp_path):
     (("[ollama]", "[train]\nmethod = 'prompt_tuning'\n[ollama]"), "soft prompts have no GGUF form"),
     (("[ollama]", "[eval]\nsuite = 'no-suite.toml'\n[ollama]"), "eval.suite = 'no-suite.toml': no such file"),
     (("[model]\n", ""), "model: required, but missing"),
+    (("[ollama]", "[train]\nspeedups = ['fused_cross_entropy']\n[ollama]"), "train.speedups"),
 ])
 def test_bad_recipe_is_refused_with_field_value_and_fix(tmp_path, patch, expected):
     old, new, *flags = patch
