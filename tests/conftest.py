@@ -23,6 +23,17 @@ sys.path.insert(0, str(ROOT))
 DEMO_RECIPE = ROOT / "recipes" / "tiny-demo.toml"
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Numerical tests on one thread: the machines running the suite are small and shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ollama_binary() -> Path:
     from ollama_ft.ollama_server import find_ollama_binary, install_ollama

@@ -19,14 +19,7 @@ from ollama_ft.backends.fast_lora import LoraLinearFunction, patch_peft_lora  # 
 
 LAYERS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama():

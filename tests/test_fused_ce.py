@@ -20,19 +20,12 @@ from ollama_ft.backends import fused_ce  # noqa: E402
 from ollama_ft.backends.fused_ce import fused_linear_cross_entropy, patch_fused_cross_entropy  # noqa: E402
 
 # Importing transformers in this process trips torch.jit's own deprecation notice.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 F = torch.nn.functional
 DATA = Path(__file__).resolve().parent.parent / "data" / "turkish-demo.jsonl"
 VOCAB, HIDDEN = 37, 16
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def inputs(dtype=torch.float64, train_weight=True, seed=0, shape=(3, 9)):
@@ -190,25 +183,27 @@ def test_heads_it_does_not_cover_are_left_alone(make):
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-def train_tiny(base: Path, work: Path, speedups: list[str]):
+def train_tiny(base: Path, work: Path, speedups: list[str], examples: int = 12, max_seq_length: int = 256,
+               **train):
+    """The PEFT backend's LoRA training of `base` on the first demo examples, on CPU; `train` overrides settings."""
     from ollama_ft.backends import TrainJob
     from ollama_ft.backends.peft_trl import PeftBackend
     from ollama_ft.chat_templates import load_family
 
     work.mkdir(parents=True)
-    examples = work / "examples.jsonl"
-    examples.write_text("".join(DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:12]), encoding="utf-8")
+    path = work / "examples.jsonl"
+    path.write_text("".join(DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:examples]), encoding="utf-8")
     job = TrainJob(
-        backend="peft", base_path=str(base), examples_path=str(examples), validation_path=None,
+        backend="peft", base_path=str(base), examples_path=str(path), validation_path=None,
         chat_jinja=load_family("chatml").jinja, output_dir=str(work / "trained"),
         checkpoint_dir=str(work / "checkpoints"),
-        model={"max_seq_length": 256, "dtype": "float32", "load_in_4bit": False, "trust_remote_code": False},
+        model={"max_seq_length": max_seq_length, "dtype": "float32", "load_in_4bit": False, "trust_remote_code": False},
         train={"method": "lora", "rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
                "num_virtual_tokens": 20, "epochs": 1.0, "max_steps": 3, "learning_rate": 1e-2,
                "lr_scheduler": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0, "optimizer": "adamw_torch",
                "batch_size": 4, "gradient_accumulation": 1, "seed": 42, "packing": False,
                "gradient_checkpointing": False, "assistant_only_loss": True, "logging_steps": 1,
-               "save_steps": 1000, "report_to": "none", "speedups": speedups},
+               "save_steps": 1000, "report_to": "none", "speedups": speedups} | train,
         assistant_only_loss=True, log_path=str(work / "train.log"), device="cpu")
     return PeftBackend().train(job, lambda event: None)
 

@@ -259,26 +259,11 @@ def check_other_families():
 
 def check_backend(base_path: str, work: str) -> dict:
     """One optimizer step of the PEFT backend asking for the three switches: what it kept."""
-    from ollama_ft.backends import TrainJob, fused_kernels
-    from ollama_ft.backends.peft_trl import PeftBackend
-    from ollama_ft.chat_templates import load_family
+    from ollama_ft.backends import fused_kernels
+    from test_fused_ce import train_tiny
 
-    work_dir = Path(work)
-    examples = (ROOT / "data" / "turkish-demo.jsonl").read_text(encoding="utf-8").splitlines()[:4]
-    (work_dir / "examples.jsonl").write_text("\n".join(examples) + "\n", encoding="utf-8")
-    job = TrainJob(
-        backend="peft", base_path=base_path, examples_path=str(work_dir / "examples.jsonl"), validation_path=None,
-        chat_jinja=load_family("chatml").jinja, output_dir=str(work_dir / "trained"),
-        checkpoint_dir=str(work_dir / "checkpoints"),
-        model={"max_seq_length": 64, "dtype": "float32", "load_in_4bit": False, "trust_remote_code": False},
-        train={"method": "lora", "rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
-               "num_virtual_tokens": 20, "epochs": 1.0, "max_steps": 1, "learning_rate": 1e-3,
-               "lr_scheduler": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0, "optimizer": "adamw_torch",
-               "batch_size": 2, "gradient_accumulation": 1, "seed": 42, "packing": False,
-               "gradient_checkpointing": False, "assistant_only_loss": True, "logging_steps": 1,
-               "save_steps": 1000, "report_to": "none", "speedups": SWITCHES},
-        assistant_only_loss=True, log_path=str(work_dir / "train.log"), device="cpu")
-    result = PeftBackend().train(job, lambda event: None)
+    result = train_tiny(Path(base_path), Path(work) / "backend", list(SWITCHES), examples=4, max_seq_length=64,
+                        rank=4, alpha=8, max_steps=1, learning_rate=1e-3, batch_size=2)
     return {"available": fused_kernels.available("cpu"), "speedups": result.speedups}
 
 
