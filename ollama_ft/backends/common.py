@@ -144,8 +144,11 @@ def sft_config(job: TrainJob, device: str, dtype, **overrides):
         # costs an extra pass over the autograd graph per step.
         ddp_find_unused_parameters=False,
     )
-    # transformers 5 reads the TensorBoard folder from the environment only.
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(job.output_dir).parent / "tensorboard"))
+    if t["report_to"] == "tensorboard":
+        # transformers 5 reads the TensorBoard folder from the environment only. Each build trains
+        # in its own worker process; set it only when asked for, so training in-process without
+        # TensorBoard (tests, library use) leaves no folder behind for later workers to inherit.
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(job.output_dir).parent / "tensorboard"))
     if t["gradient_checkpointing"]:
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if full_fine_tune_across_processes(t):
