@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ollama_ft.backends.speedups import SWITCHES
 from ollama_ft.errors import RecipeError
 
 # Names of llama.cpp quantization types (`llama-quantize --help`), lower-case as users write them.
@@ -104,8 +105,7 @@ class TrainSection(_Section):
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps; an interrupted run resumes there.")
     report_to: Literal["none", "tensorboard"] = Field("none", description="Also log metrics to TensorBoard.")
-    speedups: Literal["auto"] | list[Literal["padding_free", "fused_lora", "no_fp32_upcast", "fused_ce",
-                                                  "fused_rmsnorm", "fused_rope", "fused_swiglu"]] = Field(
+    speedups: Literal["auto"] | list[Literal[SWITCHES]] = Field(
         "auto", description="PEFT backend's speed switches: \"auto\" (what measured faster on this kind of "
         "device, see ollama_ft/backends/speedups.py), [] for none, or a list.")
 
