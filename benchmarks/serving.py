@@ -5,10 +5,13 @@ B7: Ollama's generation tokens/s ÷ llama-cpp-python's on the same GGUF.
 
 Without `--gguf` it uses the Q4_K_M of the tiny base (built as in B5). A private `ollama serve`
 (OllamaServer, the pinned binary) with an empty models folder is started, so the blob is new.
-- B6: `register_model` under a fresh name, as the build calls it (the GGUF's sha256 known from
-  the quantize stage), ÷ (two reads + one fsynced write of the GGUF), measured in the same run:
-  the upload reads the file, the server hashes and writes it. The sha256 the quantize stage pays
-  is timed apart (`digest_seconds`); sha256 runs at ~150 MB/s on a CPU without SHA extensions.
+- B6: `register_model` under a fresh name, as the build calls it (the GGUF's sha256 and stat
+  known from the quantize stage), ÷ (two reads + one fsynced write of the GGUF), measured in the
+  same run, both ways it can move the blob: uploaded (the upload reads the file, the server
+  hashes and writes it; `upload_ratio`), then, the first model and so its blob deleted, copied
+  into the server's blob folder, as it does for a server on this machine (`ratio`). The sha256
+  the quantize stage pays is timed apart (`digest_seconds`); sha256 runs at ~150 MB/s on a CPU
+  without SHA extensions.
   `ollama-ft --help`: the console script in a subprocess, median of 5.
 - B7: the same raw prompt, greedy, `num_predict` 128 and 2 threads on both sides. Ollama's figure
   is eval_count ÷ eval_duration; llama-cpp-python is timed over exactly as many decode steps
@@ -55,23 +58,53 @@ def help_seconds(runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def register_seconds(gguf: Path, host: str) -> tuple[float, float, str]:
+def register_seconds(gguf: Path, server) -> dict:
+    """`register_model` twice on the same GGUF: uploading it, then (the blob deleted) copying it."""
+    import os
+
     from ollama_ft.chat_templates import load_family
     from ollama_ft.modelfile import ModelfileSpec
     from ollama_ft.register import RegisterInput, register_model
+    from ollama_ft.runs import file_digest, file_stat
 
     family = load_family("chatml")
-    name = f"bench-{uuid.uuid4().hex[:8]}"  # fresh: register refuses to replace without force
     spec = ModelfileSpec(gguf_path=gguf, template=family.go_template, stops=list(family.stop),
                          parameters={"num_ctx": NUM_CTX})
-    from ollama_ft.runs import file_digest
-
+    stat = file_stat(gguf)
     start = time.perf_counter()
     digest = file_digest(gguf)   # the quantize stage's, in a build
     digest_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    register_model(RegisterInput(name, host, spec, expected_digest=digest))
-    return time.perf_counter() - start, digest_seconds, name
+    blob = Path(server.models_dir) / "blobs" / f"sha256-{digest}"
+    seconds, names = {}, []
+    saved = {key: os.environ.get(key) for key in ("OLLAMA_FT_BLOB_UPLOAD", "OLLAMA_MODELS")}
+    try:
+        for transfer, env in (("uploaded", {"OLLAMA_FT_BLOB_UPLOAD": "1"}),
+                              ("copied", {"OLLAMA_MODELS": str(server.models_dir)})):
+            for key in saved:
+                os.environ.pop(key, None)
+            os.environ.update(env)
+            if names:   # deleting the only model that uses the blob deletes the blob
+                server_delete(server.host, names[-1])
+                if blob.exists():
+                    raise RuntimeError(f"Ollama kept {blob.name} after its model was deleted")
+            names.append(f"bench-{uuid.uuid4().hex[:8]}")  # fresh: register refuses to replace without force
+            start = time.perf_counter()
+            out = register_model(RegisterInput(names[-1], server.host, spec, expected_digest=digest, hashed_stat=stat))
+            seconds[transfer] = time.perf_counter() - start
+            if out.blob_transfer != transfer:
+                raise RuntimeError(f"register {out.blob_transfer} the blob; this measurement needed it {transfer}")
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+    return {"seconds": seconds, "digest_seconds": digest_seconds, "name": names[-1]}
+
+
+def server_delete(host: str, name: str) -> None:
+    from ollama_ft.ollama_server import client_for
+
+    client_for(host).delete(name)
 
 
 def ollama_generate(host: str, name: str, num_predict: int = NUM_PREDICT) -> dict:
@@ -127,7 +160,8 @@ def run(work: Path, gguf: Path | None = None) -> dict:
         io = io_seconds([gguf, gguf], gguf.stat().st_size, folder)
         with OllamaServer(folder / "models", log_path=folder / "serve.log") as server:
             version = server_version(server.host)
-            reg, digest_seconds, name = register_seconds(gguf, server.host)
+            registered = register_seconds(gguf, server)
+            name = registered["name"]
             ollama_runs: list[dict] = []
             asked = 4
             try:
@@ -152,7 +186,11 @@ def run(work: Path, gguf: Path | None = None) -> dict:
     cpp_tps = statistics.median(r["tokens_per_second"] for r in cpp_runs)
     return {
         "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "ollama_version": version,
-        "register": {"seconds": reg, "io_seconds": io, "ratio": reg / io, "digest_seconds": digest_seconds},
+        "register": {"seconds": registered["seconds"]["copied"], "io_seconds": io,
+                     "ratio": registered["seconds"]["copied"] / io,
+                     "upload_seconds": registered["seconds"]["uploaded"],
+                     "upload_ratio": registered["seconds"]["uploaded"] / io,
+                     "digest_seconds": registered["digest_seconds"]},
         "help_seconds": help_seconds(),
         "generation": {"tokens": count, "threads": THREADS, "prompt": PROMPT, "ollama_ggml": ollama_cpu,
                        "llama_cpp_ggml": llama_cpp.llama_print_system_info().decode().strip(),

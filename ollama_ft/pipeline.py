@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol
 from ollama_ft.chat_templates import ChatFamily, render_jinja, resolve_family
 from ollama_ft.errors import OllamaFtError, UserInputError
 from ollama_ft.recipe import Recipe
-from ollama_ft.runs import RunDir, StageRecord, atomic_write_json, clean_partials, file_digest, fingerprint, tree_size
+from ollama_ft.runs import RunDir, StageRecord, atomic_write_json, clean_partials, file_digest, file_stat, fingerprint, tree_size
 
 STAGES = ("train", "merge", "convert", "quantize", "modelfile", "register", "smoke", "baseline", "eval")
 
@@ -391,9 +391,10 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
 
         ensure_disk(run.root, f16["size_bytes"], "quantize")
         out = quantize_gguf(QuantizeInput(Path(f16["gguf_path"]), run.path(f"model-{quant}.gguf"), quant))
+        hashed_stat = list(file_stat(out.gguf_path))   # taken before hashing: a later change shows in it
         return {"gguf_path": str(out.gguf_path), "size_bytes": out.size_bytes, "file_type": out.file_type,
                 "quant_type": out.file_type_name, "tensor_types": out.tensor_types,
-                "sha256": file_digest(out.gguf_path)}
+                "sha256": file_digest(out.gguf_path), "hashed_stat": hashed_stat}
 
     quantized = runner.stage("quantize", quant_key, do_quantize, lambda o: Path(o["gguf_path"]).exists())
     if not recipe.export.keep_f16 and quant != "f16":
@@ -423,8 +424,10 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
 
     def do_register() -> dict[str, Any]:
         out = register_model(RegisterInput(name, host, spec, force=options.force or owned,
-                                           expected_digest=quantized["sha256"]))
+                                           expected_digest=quantized["sha256"],
+                                           hashed_stat=quantized.get("hashed_stat")))
         return {"name": out.name, "host": out.host, "blob_digest": out.blob_digest, "replaced": out.replaced,
+                "blob_transfer": out.blob_transfer,
                 "command": f"ollama run {name}"}
 
     def still_registered(outputs: dict) -> bool:

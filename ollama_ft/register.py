@@ -1,25 +1,40 @@
-"""Stage 6, register: upload the GGUF as a blob and create the model in Ollama.
+"""Stage 6, register: put the GGUF in Ollama's blob store and create the model in Ollama.
 
-Uploads the GGUF as a blob, then creates the model with the official `ollama` client (template,
-system and parameters). An existing model with the same name is never replaced without `force`;
-with it, Ollama keeps the old model until the new manifest is written.
+The model is created with the official `ollama` client (template, system and parameters). An
+existing model with the same name is never replaced without `force`; with it, Ollama keeps the
+old model until the new manifest is written.
 
-The upload is ours rather than the client's `create_blob`, which hashes the whole file before
-sending it and sends it even when the server has it: sha256 runs at ~150 MB/s on a CPU without
-SHA extensions, so for an 800 MB GGUF that was half of the stage (benchmarks/serving.py, B6).
-The quantize stage has already hashed the file, the server hashes what it receives and refuses
-a mismatch, and a blob the server holds (a rerun with --force, compare's NAME:variant) is not sent.
+The blob transfer is ours rather than the client's `create_blob`, which hashes the whole file
+before sending it and sends it even when the server has it: sha256 runs at ~150 MB/s on a CPU
+without SHA extensions, so for an 800 MB GGUF that was half of the stage (benchmarks/serving.py,
+B6). The quantize stage has already hashed the file, and a blob the server holds (a rerun with
+--force, compare's NAME:variant) is not sent. Otherwise, in order:
+
+1. Local copy. When the server listens on this machine and its blob folder is one we can write
+   ($OLLAMA_MODELS/blobs, else ~/.ollama/models/blobs), the GGUF is copied there under its
+   digest, the way Ollama names blobs, and the server is asked whether it now has that blob; if
+   it does not (the folder belongs to another server), the copy is removed. A copy is one read
+   and one write; the upload is a read, an HTTP stream and the server's own sha256 of every byte.
+   It is tried only when the file's size and mtime are still those the quantize stage hashed, so
+   a file changed since then can never enter the store under a digest it does not have.
+2. Upload. The server hashes what it receives and refuses a mismatch.
+
+Set OLLAMA_FT_BLOB_UPLOAD=1 to always upload.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ollama_ft.errors import OllamaError
 from ollama_ft.modelfile import ModelfileSpec, parameter_lines
 from ollama_ft.ollama_server import client_for, ollama_call
-from ollama_ft.runs import file_digest
+from ollama_ft.runs import file_digest, file_stat
 
 
 @dataclass
@@ -29,6 +44,7 @@ class RegisterInput:
     spec: ModelfileSpec
     force: bool = False
     expected_digest: str | None = None   # sha256 of the GGUF, known from the quantize stage
+    hashed_stat: tuple[int, int] | None = None   # (size, mtime_ns) of the GGUF when it was hashed
 
 
 @dataclass
@@ -37,6 +53,7 @@ class RegisterOutput:
     host: str
     blob_digest: str
     replaced: bool
+    blob_transfer: str   # "present" (the server had it), "copied" (local blob store) or "uploaded"
 
 
 def model_exists(client, name: str) -> bool:
@@ -70,20 +87,68 @@ def check_server_version(host: str) -> str:
     return version
 
 
-def push_blob(host: str, path: Path, digest: str) -> bool:
-    """Send `path` as the blob `digest` unless the server has it; True when it was sent."""
+def is_loopback(host: str) -> bool:
+    name = urlsplit(host if "://" in host else f"http://{host}").hostname or ""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def local_blob_dirs(host: str) -> list[Path]:
+    """Blob folders the server at `host` may use, where we could write: none for a remote server."""
+    if os.environ.get("OLLAMA_FT_BLOB_UPLOAD") == "1" or not is_loopback(host):
+        return []
+    models = os.environ.get("OLLAMA_MODELS")
+    candidates = [Path(models).expanduser()] if models else [Path.home() / ".ollama" / "models"]
+    return [c / "blobs" for c in candidates if (c / "blobs").is_dir() and os.access(c / "blobs", os.W_OK)]
+
+
+def _has_blob(http, digest: str) -> bool:
+    return http.head(f"/api/blobs/{digest}").status_code == 200
+
+
+def copy_into_store(path: Path, digest: str, blobs: Path, http) -> bool:
+    """Copy `path` into the blob folder `blobs` as `digest`; True once the server reports it has it."""
+    target = blobs / digest.replace(":", "-")
+    if target.exists():
+        return False   # there already, yet the server lacks it: not this server's folder
+    partial = blobs / f".{target.name}.partial-{os.getpid()}"
+    try:
+        shutil.copyfile(path, partial)
+        os.chmod(partial, 0o644)   # as Ollama leaves its blobs
+        os.replace(partial, target)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        return False
+    if _has_blob(http, digest):
+        return True
+    target.unlink(missing_ok=True)
+    return False
+
+
+def push_blob(host: str, path: Path, digest: str, copy_locally: bool = False) -> str:
+    """Make the blob `digest` (the contents of `path`) the server's: "present", "copied" or "uploaded".
+
+    `copy_locally` only when `digest` is known to be the file's as it is now: nobody checks a copy.
+    """
     import httpx
 
     with httpx.Client(base_url=host, timeout=httpx.Timeout(30.0, read=None, write=None)) as http:
-        if http.head(f"/api/blobs/{digest}").status_code == 200:
-            return False
+        if _has_blob(http, digest):   # this also makes the server create its blob folder
+            return "present"
+        for blobs in local_blob_dirs(host) if copy_locally else []:
+            if copy_into_store(path, digest, blobs, http):
+                return "copied"
         with open(path, "rb") as body:
             response = http.post(f"/api/blobs/{digest}", content=body)
     if response.status_code >= 400:
         raise OllamaError(f"Ollama at {host} refused the GGUF blob {path.name} ({response.status_code}: "
                           f"{response.text.strip()[:200]})", "the file changed since it was quantized: "
                           "rerun with --from quantize")
-    return True
+    return "uploaded"
 
 
 def register_model(inp: RegisterInput) -> RegisterOutput:
@@ -93,8 +158,13 @@ def register_model(inp: RegisterInput) -> RegisterOutput:
     if exists and not inp.force:
         raise OllamaError(f"a model named {inp.name!r} already exists in Ollama at {inp.host}",
                           "pass --force to replace it, or set ollama.name to another name")
-    digest = "sha256:" + (inp.expected_digest or file_digest(Path(inp.spec.gguf_path)))
-    ollama_call(inp.host, lambda: push_blob(inp.host, Path(inp.spec.gguf_path), digest))
+    gguf = Path(inp.spec.gguf_path)
+    if inp.expected_digest:
+        digest = "sha256:" + inp.expected_digest
+        unchanged = inp.hashed_stat is not None and file_stat(gguf) == tuple(inp.hashed_stat)
+    else:
+        digest, unchanged = "sha256:" + file_digest(gguf), True
+    transfer = ollama_call(inp.host, lambda: push_blob(inp.host, gguf, digest, copy_locally=unchanged))
     params: dict[str, object] = {}
     for key, value in parameter_lines(inp.spec):
         if key == "stop":
@@ -102,6 +172,6 @@ def register_model(inp: RegisterInput) -> RegisterOutput:
         else:
             params[key] = value
     ollama_call(inp.host, lambda: client.create(
-        model=inp.name, files={Path(inp.spec.gguf_path).name: digest}, template=inp.spec.template,
+        model=inp.name, files={gguf.name: digest}, template=inp.spec.template,
         system=inp.spec.system or None, parameters=params, stream=False))
-    return RegisterOutput(inp.name, inp.host, digest, replaced=exists)
+    return RegisterOutput(inp.name, inp.host, digest, replaced=exists, blob_transfer=transfer)

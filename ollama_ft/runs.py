@@ -79,6 +79,12 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_stat(path: Path) -> tuple[int, int]:
+    """What tells that a file changed without reading it: (size, mtime_ns)."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
 def tree_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size

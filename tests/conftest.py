@@ -48,6 +48,7 @@ class ServerHandle:
         self.host = server.host
         self.log_path = server.log_path
         self.binary = server.binary
+        self.models_dir = server.models_dir
 
     @property
     def client(self):
@@ -97,10 +98,18 @@ def ollama_server(ollama_binary, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ollama")
     server = OllamaServer(folder / "models", binary=ollama_binary, log_path=folder / "serve.log", debug_level=2)
     server.start()
+    # As for a user whose shell sets the server's OLLAMA_MODELS: builds copy blobs into its store
+    # (ollama_ft/register.py) instead of uploading them, in this process and in the CLI's.
+    previous = os.environ.get("OLLAMA_MODELS")
+    os.environ["OLLAMA_MODELS"] = str(server.models_dir)
     try:
         yield ServerHandle(server)
     finally:
         server.stop()
+        if previous is None:
+            os.environ.pop("OLLAMA_MODELS", None)
+        else:
+            os.environ["OLLAMA_MODELS"] = previous
 
 
 @pytest.fixture(scope="session")
