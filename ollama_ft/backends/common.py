@@ -231,6 +231,23 @@ def versions() -> dict[str, str]:
     return out
 
 
+def batch_examples(inputs) -> list[list[int]]:
+    """The examples in a collated batch, in order, whatever the collation: padded rows lose their
+    padding; a padding-free row is cut where its position_ids start again at 0."""
+    ids = inputs["input_ids"].tolist()
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        return [[t for t, m in zip(row, keep) if m] for row, keep in zip(ids, mask.tolist())]
+    positions = inputs.get("position_ids")
+    if positions is None:
+        return ids
+    examples = []
+    for row, pos in zip(ids, positions.tolist()):
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(row)]
+        examples += [row[a:b] for a, b in zip(starts, starts[1:])]
+    return examples
+
+
 class Interrupted(Exception):
     """Training stopped on Ctrl-C after saving a checkpoint."""
 
@@ -268,23 +285,25 @@ def run_sft(job: TrainJob, model, tokenizer, emit, *, device: str, dtype, kind: 
             speedups.remove("fused_ce")
 
     # Hash what the first batches contain, in order: two backends with the same seed must agree.
+    # Recorded as each batch reaches the training step, in this process: dataloader workers
+    # (a speed switch) collate in processes of their own, whose counters nobody would read.
     order = hashlib.sha256()
-    collate = trainer.data_collator
+    real_training_step = trainer.training_step
 
-    def recording_collator(features):
+    def recording_training_step(model, inputs, *args, **kwargs):
         if order_batches[0] < 32:
             order_batches[0] += 1
-            order.update(json.dumps([f["input_ids"][:16] for f in features]).encode())
-        batch = collate(features)
+            order.update(json.dumps([ids[:16] for ids in batch_examples(inputs)]).encode())
         # B3: positions the model computes vs the real tokens among them (padding-free has no mask).
-        positions[0] += batch["input_ids"].numel()
-        mask = batch.get("attention_mask")
-        positions[1] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        return batch
+        computed = inputs["input_ids"].numel()
+        mask = inputs.get("attention_mask")
+        positions[0] += computed
+        positions[1] += mask.sum() if mask is not None else computed   # a tensor: no wait for the GPU here
+        return real_training_step(model, inputs, *args, **kwargs)
 
     order_batches = [0]
     positions = [0, 0]   # computed, non-pad
-    trainer.data_collator = recording_collator
+    trainer.training_step = recording_training_step
 
     def on_sigint(signum, frame):
         stop_flag["stop"] = True
@@ -337,7 +356,7 @@ def run_sft(job: TrainJob, model, tokenizer, emit, *, device: str, dtype, kind: 
         examples=len(train_ds), dropped_examples=dropped, truncated_examples=truncated,
         device_name=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         versions=versions(), resumed_from=resume, step_timeline=[list(t) for t in timeline],
-        data_order_sha256=order.hexdigest(), padding_efficiency=positions[1] / positions[0] if positions[0] else 1.0,
+        data_order_sha256=order.hexdigest(), padding_efficiency=float(positions[1]) / positions[0] if positions[0] else 1.0,
         speedups=list(speedups or []), parallelism=parallelism(trainer),
         processes=trainer.args.world_size,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ollama_ft.backends import TrainJob, TrainResult
 from ollama_ft.backends.common import pick_device, resolve_targets, run_sft, training_dtype
-from ollama_ft.backends.speedups import resolve_speedups
+from ollama_ft.backends.speedups import TRAINER_SWITCHES, resolve_speedups, trainer_settings
 
 KERNEL_SWITCHES = ("fused_rmsnorm", "fused_rope", "fused_swiglu")   # Triton kernels, fused_kernels.py
 
@@ -56,8 +56,8 @@ class PeftBackend:
         speedups = resolve_speedups(t.get("speedups", []), device)
         if not job.model["load_in_4bit"] and "no_fp32_upcast" in speedups:
             speedups.remove("no_fp32_upcast")   # only 4-bit loading upcasts
-        # Examples are already cut to max_seq_length; padding-free needs TRL not to re-check it.
-        overrides = {"padding_free": True, "max_length": None} if "padding_free" in speedups else {}
+        overrides, kept = trainer_settings([s for s in speedups if s in TRAINER_SWITCHES], t, device)
+        speedups = [s for s in speedups if s not in TRAINER_SWITCHES or s in kept]
         if t["method"] == "full":
             speedups = apply_kernel_switches(model, speedups, device)
             return run_sft(job, model, tokenizer, emit, device=device, dtype=dtype, kind="full",

@@ -1,7 +1,7 @@
 """Speed switches of the PEFT backend, and which ones are on by default on each kind of device.
 
 Each switch is measured on its own against the plain configuration, side by side in one run
-(`python -m benchmarks.train_throughput --switches padding_free,fused_lora`), and its default
+(`python -m benchmarks.train_throughput --variants peft,peft+padding_free,peft+fused_lora`), and its default
 on a device follows that measurement: a switch that did not help there is off there. A recipe
 can name its own list in `train.speedups`; `"auto"` takes the defaults below.
 
@@ -10,12 +10,28 @@ can name its own list in `train.speedups`; `"auto"` takes the defaults below.
   position_ids). Numerically the padded run's loss: the same tokens are averaged.
 - fused_lora: LoRA layers whose backward is written by hand (`fast_lora.py`): no autograd graph
   over the frozen weight, and the A/B products added in one matmul.
+- no_fp32_upcast, fused_ce, fused_rmsnorm, fused_rope, fused_swiglu: see peft_trl.py, fused_ce.py
+  and fused_kernels.py.
+- fused_adamw: PyTorch's fused AdamW (one kernel over all parameters) for `adamw_torch`.
+- group_by_length: batches of examples of similar length (transformers' LengthGroupedSampler),
+  so padded batches carry less padding. It changes the order the examples are seen in.
+- dataloader_workers: batches collated by two worker processes while the model computes.
+- torch_compile: the model compiled by TorchInductor (transformers' `torch_compile`).
+- activation_offloading: checkpointed activations kept in host memory (TRL); GPU only.
+
+Liger's kernels are not a switch: issue 7 measured its rope + RMSNorm + SwiGLU at 0.40× of Unsloth
+on the H100, no better than plain PEFT there (0.36–0.48×), and they are Triton-only, so they
+cannot train on CPU; fused_rmsnorm/rope/swiglu and fused_ce cover the same ground.
 """
 
 from __future__ import annotations
 
 SWITCHES = ("padding_free", "fused_lora", "no_fp32_upcast", "fused_ce", "fused_rmsnorm", "fused_rope",
-            "fused_swiglu")
+            "fused_swiglu", "fused_adamw", "group_by_length", "dataloader_workers", "torch_compile",
+            "activation_offloading")
+# Switches that are SFTConfig settings rather than changes to the model.
+TRAINER_SWITCHES = ("padding_free", "fused_adamw", "group_by_length", "dataloader_workers", "torch_compile",
+                    "activation_offloading")
 
 # device -> switch -> (on, the measurement behind the choice)
 DEFAULTS: dict[str, dict[str, tuple[bool, str]]] = {
@@ -32,6 +48,18 @@ DEFAULTS: dict[str, dict[str, tuple[bool, str]]] = {
         "fused_rmsnorm": (False, "Triton kernel: CUDA only"),
         "fused_rope": (False, "Triton kernel: CUDA only"),
         "fused_swiglu": (False, "Triton kernel: CUDA only"),
+        # tiny:llama LoRA, demo data, batch 16, 2 cores, 2026-11-22, two runs in opposite orders
+        # (benchmarks/results/2026-11-22-cpu-trainer-switches); figures are tokens/s ratios.
+        "fused_adamw": (False, "alone 1.00× and 0.94×, on the defaults 1.01× and 1.07×: within noise (a LoRA "
+                              "optimizer step is a sliver of the step)"),
+        "group_by_length": (False, "padded batches 1.43× and 1.27× (non-pad share 0.54 → 0.85), on top of "
+                                   "padding_free 1.06× and 0.76×; it changes the order of the examples, so "
+                                   "compare's backends would no longer see the same batches: opt-in"),
+        "dataloader_workers": (False, "alone 0.88× and 0.88×, on the defaults 1.03× and 1.00×: two worker "
+                                      "processes compete with training for two cores"),
+        "torch_compile": (False, "steady steps 1.45× and 1.24× with equal losses, but compiling took ~75 s per "
+                                 "run with a warm cache and ~290 s cold, more than a demo build's whole training"),
+        "activation_offloading": (False, "moves activations to host memory: nothing to gain where they already are"),
     },
     "cuda": {
         # H100, 1B shape, ~1,750-token chats (issue 7): the flattened batch loses SDPA's fast path.
@@ -42,6 +70,12 @@ DEFAULTS: dict[str, dict[str, tuple[bool, str]]] = {
         "fused_rmsnorm": (False, "not yet measured on a GPU; off until it is"),
         "fused_rope": (False, "not yet measured on a GPU; off until it is"),
         "fused_swiglu": (False, "not yet measured on a GPU; off until it is"),
+        "fused_adamw": (False, "not yet measured on a GPU; off until it is"),
+        "group_by_length": (False, "not yet measured on a GPU; off until it is"),
+        "dataloader_workers": (False, "not yet measured on a GPU; off until it is"),
+        # Issue 7, H100, TRL 1.15: compiling failed inside TRL's fused LM-head kernel (TRL 1.14 has none).
+        "torch_compile": (False, "not yet measured on a GPU with TRL 1.14; off until it is"),
+        "activation_offloading": (False, "not yet measured on a GPU; off until it is"),
     },
 }
 
@@ -52,3 +86,30 @@ def resolve_speedups(requested, device: str) -> list[str]:
         table = DEFAULTS.get(device, DEFAULTS["cuda"])
         return [name for name in SWITCHES if table[name][0]]
     return [name for name in SWITCHES if name in requested]
+
+
+def trainer_settings(speedups: list[str], train: dict, device: str) -> tuple[dict, list[str]]:
+    """The SFTConfig settings the trainer-level switches in `speedups` stand for, and `speedups`
+    less those that cannot apply to this run (they are then not reported as used)."""
+    settings: dict = {}
+    kept = []
+    for name in speedups:
+        if name == "padding_free":
+            # Examples are already cut to max_seq_length; padding-free needs TRL not to re-check it.
+            settings.update(padding_free=True, max_length=None)
+        elif name == "fused_adamw":
+            if train["optimizer"] != "adamw_torch":
+                continue   # 8-bit and SGD optimizers have no fused form here
+            settings["optim"] = "adamw_torch_fused"
+        elif name == "group_by_length":
+            settings["train_sampling_strategy"] = "group_by_length"
+        elif name == "dataloader_workers":
+            settings.update(dataloader_num_workers=2, dataloader_persistent_workers=True)
+        elif name == "torch_compile":
+            settings["torch_compile"] = True
+        elif name == "activation_offloading":
+            if device != "cuda" or not train["gradient_checkpointing"]:
+                continue
+            settings["activation_offloading"] = True
+        kept.append(name)
+    return settings, kept
