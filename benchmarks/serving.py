@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -60,10 +61,9 @@ def help_seconds(runs: int = 5) -> float:
 
 def register_seconds(gguf: Path, server) -> dict:
     """`register_model` twice on the same GGUF: uploading it, then (the blob deleted) copying it."""
-    import os
-
     from ollama_ft.chat_templates import load_family
     from ollama_ft.modelfile import ModelfileSpec
+    from ollama_ft.ollama_server import client_for
     from ollama_ft.register import RegisterInput, register_model
     from ollama_ft.runs import file_digest, file_stat
 
@@ -84,7 +84,7 @@ def register_seconds(gguf: Path, server) -> dict:
                 os.environ.pop(key, None)
             os.environ.update(env)
             if names:   # deleting the only model that uses the blob deletes the blob
-                server_delete(server.host, names[-1])
+                client_for(server.host).delete(names[-1])
                 if blob.exists():
                     raise RuntimeError(f"Ollama kept {blob.name} after its model was deleted")
             names.append(f"bench-{uuid.uuid4().hex[:8]}")  # fresh: register refuses to replace without force
@@ -99,12 +99,6 @@ def register_seconds(gguf: Path, server) -> dict:
             if value is not None:
                 os.environ[key] = value
     return {"seconds": seconds, "digest_seconds": digest_seconds, "name": names[-1]}
-
-
-def server_delete(host: str, name: str) -> None:
-    from ollama_ft.ollama_server import client_for
-
-    client_for(host).delete(name)
 
 
 def ollama_generate(host: str, name: str, num_predict: int = NUM_PREDICT) -> dict:
