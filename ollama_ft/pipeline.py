@@ -364,7 +364,8 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
         out = merge_adapter(MergeInput(Path(base_path), Path(trained["output_dir"]), trained["kind"], family.jinja,
                                        samples, run.path("merged"), recipe.model.trust_remote_code))
         return {"merged_path": str(out.merged_path), "max_abs_logit_diff": out.max_abs_logit_diff,
-                "tolerance": out.tolerance, "dtype": out.dtype, "size_bytes": tree_size(out.merged_path)}
+                "tolerance": out.tolerance, "dtype": out.dtype, "saved_dtype": out.saved_dtype,
+                "size_bytes": tree_size(out.merged_path)}
 
     merged = runner.stage("merge", merge_key, do_merge, lambda o: Path(o["merged_path"]).exists())
 

@@ -43,6 +43,11 @@ def test_merged_logits_equal_adapter_logits(tiny_base, adapter, tmp_path):
     assert changed > 1e-3  # the adapter was folded in, not dropped
     config = json.loads((out.merged_path / "config.json").read_text())
     assert "quantization_config" not in config
+    # Saved in the GGUF's float type, whatever the merge ran in.
+    assert out.saved_dtype == "float16" and config["dtype"] == "float16"
+    from safetensors import safe_open
+    with safe_open(out.merged_path / "model.safetensors", "pt") as fh:
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"F16"}
     assert not list(tmp_path.glob(".merged.partial-*"))
 
 
@@ -87,3 +92,53 @@ def test_gguf_tokenizes_like_training(tiny_base, adapter, tmp_path):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False).input_ids
     assert llm.metadata.get("tokenizer.ggml.add_bos_token") == "false"
     llm.close()
+
+
+def _gguf_tensors(path):
+    import numpy as np
+    from gguf import GGUFReader
+
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("source_dtype", ["float32", "bfloat16"])
+def test_float16_save_gives_the_converter_s_own_gguf_bytes(tiny_base, source_dtype, tmp_path):
+    """Casting before the save moves the work out of the converter without changing its output:
+    the F16 GGUF of the cast copy holds exactly the tensors the converter makes from the original."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ollama_ft.convert import ConvertInput, convert_to_gguf
+    from ollama_ft.merge import cast_for_export, keep_base_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=getattr(torch, source_dtype))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    folders = {}
+    for label, weights in (("as-is", model), ("cast", cast_for_export(model))):
+        folder = folders[label] = tmp_path / label
+        weights.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        keep_base_tokenizer(tiny_base, folder, load_family("chatml").jinja)
+        model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=getattr(torch, source_dtype))
+    ggufs = {label: convert_to_gguf(ConvertInput(folder, tmp_path / f"{label}.gguf", SAMPLES, 0.05,
+                                                 tmp_path / f"{label}.log")).gguf_path
+             for label, folder in folders.items()}
+    original, cast = _gguf_tensors(ggufs["as-is"]), _gguf_tensors(ggufs["cast"])
+    assert original.keys() == cast.keys() and len(original) > 10
+    assert {kind for kind, _ in cast.values()} >= {"F16"}
+    differing = [name for name in original if original[name] != cast[name]]
+    assert not differing, differing
+
+
+def test_weight_beyond_float16_range_stops_the_merge(tiny_base):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ollama_ft.merge import cast_for_export
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = -7e4
+    with pytest.raises(StageError, match=r"model\.layers\.0\.mlp\.down_proj\.weight reaches 7e\+04, beyond float16"):
+        cast_for_export(model)
+    assert model.dtype == torch.float32  # refused before anything was cast
