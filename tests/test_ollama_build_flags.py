@@ -1,4 +1,5 @@
-"""The pinned Ollama is built for this CPU's x86-64 level, so ggml's CPU kernels use AVX2/FMA.
+"""The pinned Ollama is built for this CPU's x86-64 level, so ggml's CPU kernels use AVX2/FMA,
+with ggml's weight repacking on.
 
 A plain cgo build leaves ggml on baseline x86-64 (benchmarks/serving.py measured it at 0.08× of
 llama-cpp-python's tokens/s); the level picks the -march that turns on ggml's SIMD paths."""
@@ -40,3 +41,4 @@ def test_the_built_ollama_runs_ggml_with_this_cpus_simd(ollama_server, demo_buil
     systems = re.findall(r"msg=system (.*)", log)
     assert systems, "the runner never reported its ggml system info"
     assert "CPU.0.AVX2=1" in systems[-1] and "CPU.0.FMA=1" in systems[-1], systems[-1][:400]
+    assert "CPU.0.AARCH64_REPACK=1" in systems[-1], systems[-1][:400]  # Q4_K weights repacked for AVX2
