@@ -237,11 +237,10 @@ def _disk(recipe: Recipe, params: int, trainable: int, wbytes: int, optimizer: i
     """Bytes of each output the build keeps (checkpoints are deleted once training ends, but count at peak)."""
     t = recipe.train
     saved = wbytes * params if t.method == "full" else 4 * trainable
-    # The merge keeps the base's dtype (16-bit for a 4-bit base).
-    merged_bytes = 4 if recipe.model.dtype == "float32" else 2
     quant = recipe.export.quantization
+    # The merge saves float16 whatever the base's dtype (ollama_ft/merge.py, cast_for_export).
     disk = {"checkpoints (2 kept)": 2 * (saved + optimizer), "trained": saved,
-            "merged": merged_bytes * params, "F16 GGUF": 2 * params}
+            "merged": 2 * params, "F16 GGUF": 2 * params}
     if quant != "f16":
         disk[f"{quant.upper()} GGUF"] = int(params * BITS_PER_WEIGHT[quant] / 8)
     return disk

@@ -87,6 +87,9 @@ def test_fits_and_warning_and_disk() -> None:
     # q4_k_m at ~4.85 bits per weight, F16 at 16.
     disk = est.disk_breakdown
     assert disk["F16 GGUF"] == 2 * est.parameters
+    # The merged folder is float16 even for a float32 base.
+    fp32 = estimate_memory(_recipe(model='dtype = "float32"', train='method = "full"'))
+    assert fp32.disk_breakdown["merged"] == 2 * fp32.parameters
     assert abs(disk["Q4_K_M GGUF"] / est.parameters * 8 - 4.85) < 0.01
     table = render_estimate(est)
     assert table.row_count == len(est.breakdown) + len(est.disk_breakdown) + 2
