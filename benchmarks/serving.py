@@ -115,8 +115,8 @@ def ollama_generate(host: str, name: str, num_predict: int = NUM_PREDICT) -> dic
     client = ollama.Client(host=host, timeout=OLLAMA_TIMEOUT_S)
     resp = client.generate(model=name, prompt=PROMPT, raw=True, options=options, stream=False)
     if not resp.done:  # e.g. its "token repeat limit": the answer then carries no timings
-        raise RuntimeError(f"Ollama stopped generating early after {len(resp.response)} characters "
-                           f"(its token repeat limit, if the reply ends in one token repeated: {resp.response[-60:]!r})")
+        raise RuntimeError(f"Ollama stopped generating early after {len(resp.response)} characters (its token "
+                           f"repeat limit, if the reply ends in one token repeated): {resp.response[-60:]!r}")
     return {"eval_count": resp.eval_count, "eval_seconds": resp.eval_duration / 1e9,
             "prompt_eval_count": resp.prompt_eval_count, "text": resp.response,
             "tokens_per_second": resp.eval_count / (resp.eval_duration / 1e9)}

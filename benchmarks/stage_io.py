@@ -103,6 +103,7 @@ def prepare(base: Path, out: Path) -> None:
     from ollama_ft.merge import cast_for_export, keep_base_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(base)
+    base_dtype = str(model.dtype).removeprefix("torch.")
     for param in model.parameters():  # fault the weights in, so the cast is timed and not the disk
         param.detach().sum()
     start = time.perf_counter()
@@ -112,8 +113,8 @@ def prepare(base: Path, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
     keep_base_tokenizer(base, out, load_family("chatml").jinja)
-    print(json.dumps({"cast_seconds": cast_seconds, "base_dtype": "bfloat16" if "bfloat16" in (base / "config.json")
-                      .read_text() else "float32", "parameters": sum(p.numel() for p in model.parameters())}))
+    print(json.dumps({"cast_seconds": cast_seconds, "base_dtype": base_dtype,
+                      "parameters": sum(p.numel() for p in model.parameters())}))
 
 
 def launch(stage: str, src: str, out: str) -> None:

@@ -63,9 +63,9 @@ def cast_for_export(model):
     numpy; weights already in float16 it copies as they are. torch's cast is about 5x faster than
     numpy's, and the GGUF's tensor bytes come out identical either way (both round to nearest
     even), so the cast happens here (1B shape, 2 cores: the converter's work 6-10 s instead of
-    21-34 s, for a 4-5 s cast here). A weight beyond float16's range would become inf in the GGUF, so it stops
-    the build instead. (Casting bf16 in its own memory was tried: slower, since the loaded weights
-    are a copy-on-write mapping of the file and every page written is copied first.)
+    21-34 s, for a 4-5 s cast here). A weight beyond float16's range would become inf in the
+    GGUF, so it stops the build instead. (Casting bf16 in its own memory was tried: slower, since
+    the loaded weights are a copy-on-write mapping of the file and every page written is copied.)
     """
     import torch
 

@@ -10,7 +10,7 @@ than llama.cpp on the same GGUF (benchmarks/serving.py, B7), so the build target
 micro-architecture level this CPU supports (v3: AVX2+FMA+F16C, v4: AVX-512). It also turns on
 ggml's weight repacking (GGML_USE_CPU_AARCH64, x86 too despite the name: Q4_0/Q4_K weights laid
 out for AVX2 matrix kernels), which llama.cpp's own CMake build enables by default and the cgo
-build leaves out; at the 1B shape it moved B7 from 0.86-0.89 to 0.91-0.96 in three paired runs.
+build leaves out; at the 1B shape it moved B7 from 0.83-0.89 to 0.91-0.96 in four paired runs.
 The binary is cached under $OLLAMA_FT_CACHE (default ~/.cache/ollama-ft), one per level, and never
 rebuilt while it reports the pinned version. An `ollama` on PATH is used instead when present.
 """
