@@ -95,12 +95,10 @@ def child(stage: str, src: str, out: str) -> None:
 
 def prepare(base: Path, out: Path) -> None:
     """The convert stage's input as a build's merge stage leaves it: weights cast to float16."""
-    import shutil
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ollama_ft.chat_templates import load_family
-    from ollama_ft.merge import cast_for_export, keep_base_tokenizer
+    from ollama_ft.merge import cast_for_export, write_merged
 
     model = AutoModelForCausalLM.from_pretrained(base)
     base_dtype = str(model.dtype).removeprefix("torch.")
@@ -109,10 +107,7 @@ def prepare(base: Path, out: Path) -> None:
     start = time.perf_counter()
     model = cast_for_export(model)
     cast_seconds = time.perf_counter() - start
-    shutil.rmtree(out, ignore_errors=True)
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    keep_base_tokenizer(base, out, load_family("chatml").jinja)
+    write_merged(model, AutoTokenizer.from_pretrained(base), base, load_family("chatml").jinja, out)
     print(json.dumps({"cast_seconds": cast_seconds, "base_dtype": base_dtype,
                       "parameters": sum(p.numel() for p in model.parameters())}))
 

@@ -82,6 +82,14 @@ def cast_for_export(model):
     return model.to(torch.float16)
 
 
+def write_merged(model, tokenizer, base_path: Path, chat_jinja: str, out_dir: Path) -> None:
+    """Weights and tokenizer into `out_dir`, all or nothing, as the convert stage reads them."""
+    with atomic_output(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        keep_base_tokenizer(base_path, tmp, chat_jinja)
+
+
 def _logits(model, tokenizer, texts):
     import torch
 
@@ -102,10 +110,7 @@ def merge_adapter(inp: MergeInput) -> MergeOutput:
     if inp.kind == "full":
         model = AutoModelForCausalLM.from_pretrained(inp.trained_path, trust_remote_code=inp.trust_remote_code)
         dtype = model.dtype
-        with atomic_output(inp.out_dir) as tmp:
-            cast_for_export(model).save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            keep_base_tokenizer(inp.base_path, tmp, inp.chat_jinja)
+        write_merged(cast_for_export(model), tokenizer, inp.base_path, inp.chat_jinja, inp.out_dir)
         return MergeOutput(inp.out_dir, 0.0, 0.0, str(dtype).removeprefix("torch."))
 
     from peft import PeftModel
@@ -132,9 +137,5 @@ def merge_adapter(inp: MergeInput) -> MergeOutput:
     if diff > tolerance:
         raise StageError(f"merge check failed: merged logits differ from the adapter model's by {diff:.4g} "
                          f"(allowed {tolerance:.4g})", "the adapter does not fit this base; retrain or check model.base")
-    merged = cast_for_export(merged)
-    with atomic_output(inp.out_dir) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        keep_base_tokenizer(inp.base_path, tmp, inp.chat_jinja)
+    write_merged(cast_for_export(merged), tokenizer, inp.base_path, inp.chat_jinja, inp.out_dir)
     return MergeOutput(inp.out_dir, diff, tolerance, str(dtype).removeprefix("torch."))
