@@ -110,14 +110,16 @@ def compare_logits(hf_path: Path, gguf_path: Path, texts: list[str]) -> tuple[fl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_path)
-    model = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32)
-    model.eval()
-    llm = Llama(model_path=str(gguf_path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0)
+    rows = [tokenizer(text, add_special_tokens=True).input_ids[:200] for text in texts]
+    model = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float16)
+    compute_in_float32(model)
+    expected = last_token_logits(model.eval(), rows)
+    del model
+    threads = torch.get_num_threads()  # the cores torch uses; llama.cpp's default would take half
+    llm = Llama(model_path=str(gguf_path), n_ctx=512, logits_all=True, verbose=False, n_threads=threads,
+                n_threads_batch=threads, seed=0)
     worst, agree = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=True).input_ids[:200]
-        with torch.no_grad():
-            ref = model(torch.tensor([ids])).logits[0, -1].numpy()
+    for ids, ref in zip(rows, expected):
         llm.reset()
         llm.eval(ids)
         got = np.array(llm.scores[len(ids) - 1][: ref.shape[0]], dtype=np.float32)
@@ -126,3 +128,42 @@ def compare_logits(hf_path: Path, gguf_path: Path, texts: list[str]) -> tuple[fl
         agree += int(ref.argmax() == got.argmax())
     llm.close()
     return worst, agree / max(1, len(texts))
+
+
+def last_token_logits(model, rows: list[list[int]]):
+    """Each token row's next-token logits from one forward pass over all rows, left-padded.
+
+    One pass, so `compute_in_float32` widens each weight once rather than once per row; positions
+    count from each row's first real token, so a row's logits are those it gets alone."""
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    logits_to_keep=1)
+    return out.logits[:, -1].float().numpy()
+
+
+def compute_in_float32(model) -> None:
+    """Hold the weights in float16 but run every module in float32, as llama.cpp runs an F16 GGUF.
+
+    A float32 copy of an 8B model is 32 GB of RAM, more than many GPU machines have beside the
+    GPU; float16 is 16 GB. Computing in float16 on the other hand can overflow activations that
+    llama.cpp keeps in float32, and would fail a correct GGUF. So each module casts its own
+    weights to float32 just before its forward and back after (float16 → float32 → float16 is
+    exact): one layer's weights at a time are ever wide.
+    """
+    import torch
+
+    def widen(module, args):
+        module.to(torch.float32)
+
+    def narrow(module, args, output):
+        module.to(torch.float16)
+
+    for module in model.modules():
+        if any(p.dtype == torch.float16 for p in module.parameters(recurse=False)):
+            module.register_forward_pre_hook(widen)
+            module.register_forward_hook(narrow)

@@ -64,3 +64,39 @@ def test_a_model_class_that_exits_stops_the_stage_with_its_logged_reason(tiny_ba
     with pytest.raises(StageError, match="GGUF conversion failed: ERROR:hf-to-gguf:tokenizer.model not found"):
         convert_to_gguf(ConvertInput(tiny_base, out, ["Merhaba"], 0.05, tmp_path / "convert.log"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["convert.log"]
+
+
+def test_float16_weights_computed_in_float32_match_a_float32_model(tiny_base, tmp_path):
+    """The logit check's reference holds float16 weights (half the RAM of float32) and still
+    computes as a float32 model does, and its weights are float16 again after the forward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ollama_ft.convert import compute_in_float32
+
+    AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float16).save_pretrained(tmp_path / "f16")
+    wide = AutoModelForCausalLM.from_pretrained(tmp_path / "f16", dtype=torch.float32).eval()
+    narrow = AutoModelForCausalLM.from_pretrained(tmp_path / "f16", dtype=torch.float16).eval()
+    compute_in_float32(narrow)
+    ids = torch.tensor([[1, 57, 300, 912, 44, 1500, 7]])
+    with torch.no_grad():
+        expected, got = wide(ids).logits, narrow(ids).logits
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert {p.dtype for p in narrow.parameters()} == {torch.float16}
+
+
+def test_batched_reference_logits_equal_each_row_alone(tiny_base):
+    """The logit check runs its sample rows as one left-padded batch; each row's next-token logits
+    must be the ones that row gets on its own."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ollama_ft.convert import last_token_logits
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    rows = [[1, 57, 300, 912, 44, 1500, 7], [1, 812], [1, 5, 6, 7, 1999]]
+    batched = last_token_logits(model, rows)
+    for row, got in zip(rows, batched):
+        with torch.no_grad():
+            alone = model(torch.tensor([row])).logits[0, -1].numpy()
+        assert abs(got - alone).max() <= 1e-5 * abs(alone).max()
