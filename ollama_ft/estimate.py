@@ -50,6 +50,7 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     tied: bool
+    stored_bytes: int = 2    # bytes per weight in the checkpoint: 4 for float32, 2 for bf16/fp16
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer in one decoder layer."""
@@ -76,6 +77,8 @@ class Estimate:
     disk_breakdown: dict[str, int]        # files the build writes, bytes
     total_bytes: int
     disk_bytes: int
+    host_breakdown: dict[str, int] = field(default_factory=dict)   # RAM of the export stages, bytes
+    host_bytes: int = 0
     device_bytes: int | None = None
     fits: bool | None = None
     warning: str | None = None
@@ -91,10 +94,19 @@ def shape_from_config(config: dict) -> ModelShape:
                           intermediate_size=int(cfg["intermediate_size"]), num_layers=int(cfg["num_hidden_layers"]),
                           num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                           head_dim=int(cfg.get("head_dim") or hidden // heads),
-                          tied=bool(config.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))))
+                          tied=bool(config.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
+                          stored_bytes=4 if _config_dtype(config) == "float32" else 2)
     except KeyError as exc:
         raise UserInputError(f"config.json has no {exc.args[0]!r}: not a Llama-style decoder this estimate knows",
                              "estimate a Llama, Qwen, Mistral or Gemma style model") from None
+
+
+def _config_dtype(config: dict) -> str | None:
+    for cfg in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):  # transformers 5 writes "dtype", 4.x "torch_dtype"
+            if isinstance(cfg.get(key), str):
+                return cfg[key]
+    return None
 
 
 def base_shape(recipe: Recipe) -> ModelShape:
@@ -110,7 +122,7 @@ def base_shape(recipe: Recipe) -> ModelShape:
         s = SHAPES[name]
         return ModelShape(s.vocab_size, s.hidden_size, s.intermediate_size, s.num_hidden_layers,
                           s.num_attention_heads, s.num_key_value_heads, s.hidden_size // s.num_attention_heads,
-                          s.tie_word_embeddings)
+                          s.tie_word_embeddings, 4 if s.dtype == "float32" else 2)
     if base.startswith((".", "/", "~")):  # the pipeline's rule for a local folder (else a hub id)
         config_path = recipe.resolve(base) / "config.json"
         if not config_path.is_file():
@@ -222,15 +234,32 @@ def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None, cpu: boo
     total = sum(breakdown.values())
 
     disk = _disk(recipe, params, trainable, wbytes, optimizer)
+    host = export_ram(shape, recipe, trainable, wbytes)
     est = Estimate(base=recipe.model.base, parameters=params, trainable_parameters=trainable, breakdown=breakdown,
                    disk_breakdown=disk, total_bytes=total, disk_bytes=sum(disk.values()), device_bytes=device_bytes,
-                   notes=notes)
+                   host_breakdown=host, host_bytes=max(host.values()), notes=notes)
     if device_bytes is not None:
         est.fits = total <= FIT_HEADROOM * device_bytes
         if not est.fits:
             est.warning = (f"training needs about {_size(total)} but the device has {_size(device_bytes)}; "
                            + memory_advice(recipe, breakdown))
     return est
+
+
+def export_ram(shape: ModelShape, recipe: Recipe, trainable: int, wbytes: int) -> dict[str, int]:
+    """RAM of the two export steps that hold a whole model, on the CPU, after training has ended.
+
+    merge: the base as stored (the trained model for full fine-tuning, saved in its training dtype)
+    plus float32 adapters; it is cast to float16 in place. GGUF check: the merged model in float16
+    plus its largest matrix widened to float32 for its turn (ollama_ft/convert.py). Measured at the
+    1B shape (benchmarks/export_memory.py): peak anonymous RSS 1.02x and 1.46x the merged bytes,
+    against 1.0x and 1.42x from these formulas.
+    """
+    params, h = shape.parameters(), shape.hidden_size
+    full = recipe.train.method == "full"
+    merge = wbytes * params if full else shape.stored_bytes * params + 4 * trainable
+    widest = max(shape.vocab_size * h, shape.intermediate_size * h)
+    return {"merge": merge, "GGUF check": 2 * params + 4 * widest}
 
 
 def _disk(recipe: Recipe, params: int, trainable: int, wbytes: int, optimizer: int) -> dict[str, int]:
@@ -278,6 +307,9 @@ def render_estimate(est: Estimate) -> Table:
         table.add_row(name, _size(value))
     fit = {None: "", True: " [green](fits)[/]", False: " [red](does not fit)[/]"}[est.fits]
     table.add_row("[bold]training memory[/]", f"[bold]{_size(est.total_bytes)}[/]{fit}", end_section=True)
+    for name, value in est.host_breakdown.items():
+        table.add_row(f"RAM: {name}", _size(value))
+    table.add_row("[bold]RAM after training (peak)[/]", f"[bold]{_size(est.host_bytes)}[/]", end_section=True)
     for name, value in est.disk_breakdown.items():
         table.add_row(f"disk: {name}", _size(value))
     table.add_row("[bold]disk[/]", f"[bold]{_size(est.disk_bytes)}[/]")
@@ -306,12 +338,16 @@ def training_device_bytes(force_cpu: bool = False) -> tuple[int | None, bool]:
                 return mib[0] * 2**20, False
         except (OSError, subprocess.TimeoutExpired, ValueError):
             pass
+    return available_ram_bytes(), True
+
+
+def available_ram_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo: what can be allocated without swapping; None off Linux."""
     try:
         with open("/proc/meminfo") as fh:
-            kib = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable"))
-        return kib * 1024, True
-    except (OSError, StopIteration):
-        return None, True
+            return 1024 * next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def visible_gpu_count() -> int:

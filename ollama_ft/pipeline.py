@@ -145,7 +145,24 @@ def memory_estimate(recipe: Recipe, options: BuildOptions) -> dict[str, Any] | N
     except OllamaFtError:
         return None   # a hub model whose config is not cached: nothing to estimate from
     return {"total_bytes": est.total_bytes, "breakdown": est.breakdown, "device_bytes": device_bytes,
-            "device": "cpu" if cpu else "cuda", "fits": est.fits, "warning": est.warning}
+            "device": "cpu" if cpu else "cuda", "fits": est.fits, "warning": est.warning,
+            "host_bytes": est.host_bytes}
+
+
+def export_ram_warning(recipe: Recipe, options: BuildOptions) -> str | None:
+    """A warning when merge and the GGUF check need more RAM than is available now, else None.
+
+    Not an error: swap, or an estimate on the high side, can still see the build through; but if
+    the kernel kills it, the person has already read why."""
+    from ollama_ft.estimate import available_ram_bytes
+
+    need = (memory_estimate(recipe, options) or {}).get("host_bytes")
+    available = available_ram_bytes()
+    if not need or available is None or need <= available:
+        return None
+    return (f"merge and the GGUF check hold the model in RAM, about {need / 2**30:.1f} GiB, and "
+            f"{available / 2**30:.1f} GiB is available: the build may be killed for memory; close other "
+            "programs and rerun: the finished train stage is kept and skipped")
 
 
 def require_tensorboard() -> None:
@@ -359,6 +376,10 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
     def do_merge() -> dict[str, Any]:
         from ollama_ft.merge import MergeInput, merge_adapter
 
+        warning = export_ram_warning(recipe, options)
+        if warning:
+            options.reporter.stage("merge", "warn", warning)
+            runner.log(f"merge warning: {warning}")
         ensure_disk(run.root, trained["total_parameters"] * 4 if trained["kind"] == "adapter" else
                     trained["trained_size_bytes"], "merge")
         out = merge_adapter(MergeInput(Path(base_path), Path(trained["output_dir"]), trained["kind"], family.jinja,

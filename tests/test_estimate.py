@@ -92,7 +92,7 @@ def test_fits_and_warning_and_disk() -> None:
     assert fp32.disk_breakdown["merged"] == 2 * fp32.parameters
     assert abs(disk["Q4_K_M GGUF"] / est.parameters * 8 - 4.85) < 0.01
     table = render_estimate(est)
-    assert table.row_count == len(est.breakdown) + len(est.disk_breakdown) + 2
+    assert table.row_count == len(est.breakdown) + len(est.host_breakdown) + len(est.disk_breakdown) + 3
 
 
 _MEASURE = r"""
@@ -171,3 +171,50 @@ def test_build_warns_before_training_when_the_estimate_exceeds_the_device(monkey
     fine = memory_estimate(load_recipe(DEMO), BuildOptions(device="cpu"))
     assert fine["fits"] is True and fine["warning"] is None
     assert fine["total_bytes"] == sum(fine["breakdown"].values())
+
+
+def test_export_ram_follows_what_the_merge_loads(tmp_path: Path) -> None:
+    """The merge holds the base as stored (bf16: 2 bytes a weight, float32: 4) or, after full
+    fine-tuning, the trained model in its training dtype; the GGUF check always holds float16."""
+    s = SHAPES["llama-1b"]
+    shape = {"vocab_size": s.vocab_size, "hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size,
+             "num_hidden_layers": s.num_hidden_layers, "num_attention_heads": s.num_attention_heads,
+             "num_key_value_heads": s.num_key_value_heads, "tie_word_embeddings": True}
+    found = {}
+    for dtype in ("bfloat16", "float32"):
+        folder = tmp_path / dtype
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**shape, "dtype": dtype}))
+        found[dtype] = estimate_memory(_recipe("./" + dtype, folder=tmp_path))
+    params = found["bfloat16"].parameters
+    assert 2 * params < found["bfloat16"].host_breakdown["merge"] < 2.1 * params
+    assert 4 * params < found["float32"].host_breakdown["merge"] < 4.1 * params
+    assert found["bfloat16"].host_breakdown["GGUF check"] == found["float32"].host_breakdown["GGUF check"]
+    # The check holds float16 weights plus the widest matrix (the 128k-row embedding) in float32.
+    assert found["bfloat16"].host_breakdown["GGUF check"] == 2 * params + 4 * s.vocab_size * s.hidden_size
+    assert found["float32"].host_bytes == found["float32"].host_breakdown["merge"]
+
+    full_cpu = estimate_memory(_recipe(train='method = "full"'), cpu=True)  # dtype auto trains in float32 there
+    assert full_cpu.host_breakdown["merge"] == 4 * params
+    assert "RAM after training (peak)" in _rendered(full_cpu)
+
+
+def _rendered(est) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=120)
+    console.print(render_estimate(est))
+    return console.export_text()
+
+
+def test_build_warns_before_merge_when_ram_is_short(monkeypatch) -> None:
+    from ollama_ft import estimate
+    from ollama_ft.pipeline import BuildOptions, export_ram_warning
+
+    recipe, options = load_recipe(DEMO), BuildOptions(device="cpu")
+    need = estimate_memory(recipe, cpu=True).host_bytes
+    monkeypatch.setattr(estimate, "available_ram_bytes", lambda: need - 1)
+    warning = export_ram_warning(recipe, options)
+    assert warning.startswith("merge and the GGUF check hold the model in RAM") and "rerun" in warning
+    monkeypatch.setattr(estimate, "available_ram_bytes", lambda: need)
+    assert export_ram_warning(recipe, options) is None
