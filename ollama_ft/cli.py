@@ -7,6 +7,7 @@ is instant; each command imports the library module it needs when it runs.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -44,6 +45,9 @@ def main() -> None:
     ollama-ft compare recipe.toml --backends unsloth,peft
     ollama-ft eval MODEL --suite evals/turkish-core.toml
     """
+    # torchao (installed for Unsloth, imported by peft) registers enums in a way torch 2.13
+    # deprecates, and torch prints two warnings about it in every build: nothing a user can act on.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def _console():

@@ -34,3 +34,18 @@ def test_library_error_is_one_line_with_exit_code_2(tmp_path):
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ")
     assert "data: required, but missing" in out.stderr and "ollama: required, but missing" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_commands_hide_torchs_deprecation_noise_about_torchao():
+    """Importing peft (which imports torchao) makes torch print two deprecation warnings that a
+    user cannot act on; the CLI's commands keep them out of the terminal."""
+    import pytest
+
+    plain = subprocess.run([sys.executable, "-c", "import peft"], capture_output=True, text=True)
+    if "register_constant" not in plain.stderr:
+        pytest.skip("this torch/torchao pair prints no such warning")
+    code = ("from click.testing import CliRunner\nfrom ollama_ft.cli import main\n"
+            "assert CliRunner().invoke(main, ['doctor', '--help']).exit_code == 0\nimport peft")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "register_constant" not in out.stderr
