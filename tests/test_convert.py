@@ -23,7 +23,7 @@ def test_in_process_converter_writes_the_command_line_s_bytes(tiny_base, tmp_pat
     levels = {name: (logging.getLogger(name).level, logging.getLogger(name).propagate) for name in CONVERTER_LOGGERS}
 
     in_process = tmp_path / "in-process.gguf"
-    run_converter(tiny_base, in_process, "f16", tmp_path / "convert.log")
+    run_converter(tiny_base, in_process, tmp_path / "convert.log")
 
     assert in_process.read_bytes() == by_command.read_bytes()
     printed = capfd.readouterr()
