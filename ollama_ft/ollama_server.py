@@ -1,18 +1,29 @@
-"""The Ollama server: find or build the pinned binary, start a private server, talk to one.
+"""The Ollama server: find or build the tested binaries, start a private server, talk to one.
 
-Ollama is in no Python or Debian registry, so the pinned release is built from its Go module:
+Ollama is in no Python or Debian registry, so the tested releases are built from its Go module:
 
-    python -m ollama_ft.ollama_server install      # prints the binary's path
+    python -m ollama_ft.ollama_server install                   # the 0.11.4 floor; prints its path
+    python -m ollama_ft.ollama_server install --version 0.24.0  # the current release
+    python -m ollama_ft.ollama_server install --all             # both (scripts/setup.sh)
 
-v0.11.4 is the last release whose Go module builds with plain cgo on CPU. A plain cgo build
-compiles ggml's CPU kernels for baseline x86-64 (no AVX2/FMA), which generates about 12× slower
-than llama.cpp on the same GGUF (benchmarks/serving.py, B7), so the build targets the x86-64
-micro-architecture level this CPU supports (v3: AVX2+FMA+F16C, v4: AVX-512). It also turns on
-ggml's weight repacking (GGML_USE_CPU_AARCH64, x86 too despite the name: Q4_0/Q4_K weights laid
-out for AVX2 matrix kernels), which llama.cpp's own CMake build enables by default and the cgo
-build leaves out; at the 1B shape it moved B7 from 0.83-0.89 to 0.91-0.96 in four paired runs.
-The binary is cached under $OLLAMA_FT_CACHE (default ~/.cache/ollama-ft), one per level, and never
-rebuilt while it reports the pinned version. An `ollama` on PATH is used instead when present.
+v0.11.4 (the floor) is the last release whose Go module builds as it is with plain cgo on CPU.
+v0.24.0 (CURRENT_OLLAMA_VERSION) is the newest that builds here: from 0.11.5 the module zips drop
+llama.cpp's vendored headers (Go leaves nested vendor/ folders out), and the same `go install`
+works once they are on the include path: nlohmann/json (Debian nlohmann-json3-dev), stb_image
+(Debian libstb-dev) and miniaudio.h (the PyPI sdist miniaudio==1.71); it took 4-5 minutes on
+2 cores. 0.25 never left its release candidate; from 0.30 GGUFs run on a `llama-server` that
+Ollama builds with CMake from llama.cpp b10488 plus its own patch, and no registry package carries
+that llama.cpp (the copy in llama-cpp-python 0.3.36 rejects one hunk of the patch).
+
+A plain cgo build compiles ggml's CPU kernels for baseline x86-64 (no AVX2/FMA), which generates
+about 12× slower than llama.cpp on the same GGUF (benchmarks/serving.py, B7), so the build targets
+the x86-64 micro-architecture level this CPU supports (v3: AVX2+FMA+F16C, v4: AVX-512). It also
+turns on ggml's weight repacking (GGML_USE_CPU_AARCH64, named GGML_USE_CPU_REPACK in 0.24's ggml;
+x86 too despite the name: Q4_0/Q4_K weights laid out for AVX2 matrix kernels), which llama.cpp's
+own CMake build enables by default and the cgo build leaves out; at the 1B shape it moved B7 from
+0.83-0.89 to 0.91-0.96 in four paired runs. Each binary is cached under $OLLAMA_FT_CACHE (default
+~/.cache/ollama-ft), one per version and level, and never rebuilt while it reports its version.
+An `ollama` on PATH is used instead of the floor when present.
 """
 
 from __future__ import annotations
@@ -30,9 +41,11 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from ollama_ft.errors import MissingDependencyError, OllamaError
+from ollama_ft.errors import MissingDependencyError, OllamaError, OllamaFtError
 
-OLLAMA_VERSION = "0.11.4"
+OLLAMA_VERSION = "0.11.4"            # the floor: what `ollama-ft` starts and tests by default
+CURRENT_OLLAMA_VERSION = "0.24.0"    # the newest release that builds here; see the module docstring
+TESTED_OLLAMA_VERSIONS = (OLLAMA_VERSION, CURRENT_OLLAMA_VERSION)
 OLLAMA_MODULE = "github.com/ollama/ollama"
 DEFAULT_HOST = "http://127.0.0.1:11434"
 T = TypeVar("T")
@@ -63,8 +76,8 @@ def cpu_level(cpuinfo: str | None = None) -> str:
     return "generic"
 
 
-def pinned_binary(level: str | None = None) -> Path:
-    return cache_dir() / f"ollama-{OLLAMA_VERSION}-{level or cpu_level()}-repack" / "bin" / "ollama"
+def pinned_binary(level: str | None = None, version: str = OLLAMA_VERSION) -> Path:
+    return cache_dir() / f"ollama-{version}-{level or cpu_level()}-repack" / "bin" / "ollama"
 
 
 def normalise_host(host: str | None) -> str:
@@ -88,39 +101,91 @@ def binary_version(binary: Path | str) -> str | None:
     return None
 
 
-def find_ollama_binary() -> Path | None:
-    """An `ollama` on PATH, else the cached pinned build, else None."""
-    on_path = shutil.which("ollama")
-    if on_path:
-        return Path(on_path)
-    binary = pinned_binary()
+def find_ollama_binary(version: str | None = None) -> Path | None:
+    """An `ollama` on PATH, else the cached pinned build, else None; with `version`, only that
+    release's cached build (the tests run each tested version, whatever is on PATH)."""
+    if version is None:
+        on_path = shutil.which("ollama")
+        if on_path:
+            return Path(on_path)
+    binary = pinned_binary(version=version or OLLAMA_VERSION)
     return binary if binary.is_file() else None
 
 
-def install_ollama(log: Callable[[str], None] = lambda line: None) -> Path:
-    """Build the pinned Ollama with `go install` (minutes on 2 cores) unless the cache has it."""
-    binary = pinned_binary()
-    if binary.is_file() and binary_version(binary) == OLLAMA_VERSION:
+MISSING_HEADERS = {  # what the module zips after 0.11.4 lack -> the Debian package that has it
+    "/usr/include/nlohmann/json.hpp": "nlohmann-json3-dev",
+    "/usr/include/stb/stb_image.h": "libstb-dev",
+}
+MINIAUDIO_SDIST = "miniaudio==1.71"  # PyPI's pyminiaudio sdist carries miniaudio.h 0.11.25 (Ollama vendors 0.11.24)
+
+
+def miniaudio_include_dir(log: Callable[[str], None] = lambda line: None) -> Path:
+    """A folder holding miniaudio/miniaudio.h, taken from the miniaudio sdist on PyPI (cached)."""
+    import tarfile
+    import tempfile
+
+    folder = cache_dir() / "ollama-headers"
+    header = folder / "miniaudio" / "miniaudio.h"
+    if header.is_file():
+        return folder
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"fetching miniaudio.h from the {MINIAUDIO_SDIST} sdist")
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                              "-d", tmp, MINIAUDIO_SDIST], capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("miniaudio-*.tar.gz"))
+        if got.returncode != 0 or not sdists:
+            raise MissingDependencyError(f"could not download the {MINIAUDIO_SDIST} sdist for miniaudio.h",
+                                         (got.stderr.strip().splitlines() or ["pip gave no output"])[-1])
+        with tarfile.open(sdists[0]) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith("/miniaudio/miniaudio.h")), None)
+            if member is None:
+                raise MissingDependencyError(f"{sdists[0].name} has no miniaudio/miniaudio.h")
+            data = tar.extractfile(member).read()
+    header.parent.mkdir(parents=True, exist_ok=True)
+    partial = header.with_suffix(".partial")
+    partial.write_bytes(data)
+    partial.replace(header)
+    return folder
+
+
+def install_ollama(log: Callable[[str], None] = lambda line: None, version: str = OLLAMA_VERSION) -> Path:
+    """Build Ollama `version` with `go install` (minutes on 2 cores) unless the cache has it."""
+    binary = pinned_binary(version=version)
+    if binary.is_file() and binary_version(binary) == version:
         return binary
     go = shutil.which("go")
     if go is None:
-        raise MissingDependencyError("building Ollama needs the Go toolchain (go 1.24+)",
+        raise MissingDependencyError("building Ollama needs the Go toolchain (go 1.24+; 1.26+ for v0.2x)",
                                      "install Go, or put an existing `ollama` on PATH")
     binary.parent.mkdir(parents=True, exist_ok=True)
+    # ggml's weight repacking (see the module docstring); ggml renamed the macro in 2025, and the
+    # unused name is harmless, so both releases get both.
+    cppflags = ["-DGGML_USE_CPU_AARCH64", "-DGGML_USE_CPU_REPACK"]
+    if version != OLLAMA_VERSION:
+        missing = sorted({package for path, package in MISSING_HEADERS.items() if not Path(path).is_file()})
+        if missing:
+            raise MissingDependencyError(f"building Ollama {version} needs headers its Go module lacks",
+                                         f"apt-get install -y {' '.join(missing)}")
+        cppflags += [f"-I{miniaudio_include_dir(log)}", "-I/usr/include/stb"]
     env = dict(os.environ, GOBIN=str(binary.parent), CGO_ENABLED="1", GOFLAGS="-mod=mod",
-               CGO_CPPFLAGS="-DGGML_USE_CPU_AARCH64")  # ggml's weight repacking; see the module docstring
+               CGO_CPPFLAGS=" ".join(cppflags))
     level = cpu_level()
     if level != "generic":
         # ggml picks its SIMD kernels from the compiler's target macros (__AVX2__, __FMA__, …).
-        env["CGO_CFLAGS"] = env["CGO_CXXFLAGS"] = f"-O3 -march={level}"
-    command = [go, "install", "-ldflags", f"-X {OLLAMA_MODULE}/version.Version={OLLAMA_VERSION}",
-               f"{OLLAMA_MODULE}@v{OLLAMA_VERSION}"]
+        env["CGO_CFLAGS"] = f"-O3 -march={level}"
+        env["CGO_CXXFLAGS"] = " ".join([f"-O3 -march={level}", *cppflags[2:]])
+    elif version != OLLAMA_VERSION:
+        env["CGO_CXXFLAGS"] = " ".join(cppflags[2:])
+    command = [go, "install", "-ldflags", f"-X {OLLAMA_MODULE}/version.Version={version}",
+               f"{OLLAMA_MODULE}@v{version}"]
+    started = time.monotonic()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         log(line.rstrip())
     if proc.wait() != 0 or not binary.is_file():
-        raise OllamaError(f"building Ollama {OLLAMA_VERSION} failed (go install exit {proc.returncode})",
+        raise OllamaError(f"building Ollama {version} failed (go install exit {proc.returncode})",
                           "see the output above; a C compiler (gcc) is needed for cgo")
+    log(f"built Ollama {version} in {time.monotonic() - started:.0f} s: {binary}")
     return binary
 
 
@@ -132,6 +197,27 @@ def server_version(host: str, timeout: float = 3.0) -> str | None:
             return json.loads(resp.read())["version"]
     except (urllib.error.URLError, OSError, ValueError, KeyError):
         return None
+
+
+# Behaviour that changed after the 0.11.4 floor and touches ollama-ft, by the release that brought it.
+BEHAVIOUR_SINCE = {
+    "render_only": ("0.11.5", "/api/chat answers _debug_render_only with the rendered prompt"),
+    "thinking_field": ("0.12.5", "thinking models think unless told not to; message.thinking holds it"),
+    "jinja_preferred": ("0.30.0", "a GGUF chat template that does more than the TEMPLATE is rendered with Jinja"),
+    "blob_rewrite": ("0.31.0", "imported GGUFs are rewritten, so the stored digest differs from the upload"),
+}
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """"0.24.0" -> (0, 24, 0); a pre-release suffix is dropped; a build without a version is 0.0.0."""
+    numbers = version.removeprefix("v").split("-", 1)[0].split(".")
+    return tuple(int(n) if n.isdigit() else 0 for n in numbers[:3])
+
+
+def server_features(version: str | None) -> dict[str, bool]:
+    """Which of BEHAVIOUR_SINCE apply to a server of `version` (none when it is unknown)."""
+    have = version_tuple(version) if version else (0,)
+    return {name: have >= version_tuple(since) for name, (since, _) in BEHAVIOUR_SINCE.items()}
 
 
 def client_for(host: str):
@@ -218,8 +304,24 @@ class OllamaServer:
         self.stop()
 
 
+def main(argv: list[str]) -> int:
+    """`install` (the floor), `install --version X`, `install --all` (every tested release)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ollama_ft.ollama_server")
+    parser.add_argument("command", choices=["install"])
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--version", default=OLLAMA_VERSION, help=f"release to build (default {OLLAMA_VERSION})")
+    which.add_argument("--all", action="store_true", help=f"build {' and '.join(TESTED_OLLAMA_VERSIONS)}")
+    args = parser.parse_args(argv)
+    for version in TESTED_OLLAMA_VERSIONS if args.all else [args.version.removeprefix("v")]:
+        try:
+            print(install_ollama(lambda line: print(line, file=sys.stderr), version=version))
+        except OllamaFtError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["install"]:
-        print(install_ollama(lambda line: print(line, file=sys.stderr)))
-    else:
-        sys.exit("usage: python -m ollama_ft.ollama_server install")
+    sys.exit(main(sys.argv[1:]))

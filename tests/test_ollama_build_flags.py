@@ -42,3 +42,10 @@ def test_the_built_ollama_runs_ggml_with_this_cpus_simd(ollama_server, demo_buil
     assert systems, "the runner never reported its ggml system info"
     assert "CPU.0.AVX2=1" in systems[-1] and "CPU.0.FMA=1" in systems[-1], systems[-1][:400]
     assert "CPU.0.AARCH64_REPACK=1" in systems[-1], systems[-1][:400]  # Q4_K weights repacked for AVX2
+
+
+def test_each_tested_release_has_its_own_cached_binary():
+    from ollama_ft.ollama_server import CURRENT_OLLAMA_VERSION, OLLAMA_VERSION
+
+    floor, current = pinned_binary(version=OLLAMA_VERSION), pinned_binary(version=CURRENT_OLLAMA_VERSION)
+    assert floor == pinned_binary() and floor != current and f"ollama-{CURRENT_OLLAMA_VERSION}-" in str(current)
