@@ -32,7 +32,19 @@ step "installing Unsloth (its dependencies, then Unsloth with --no-deps: see req
 python -m pip install -q -c constraints.txt -r requirements-unsloth.txt
 python -m pip install -q --no-deps -c constraints.txt unsloth==2026.10.9 unsloth-zoo==2026.10.9
 
-step "the Ollama server (pinned $(python -c 'from ollama_ft.ollama_server import OLLAMA_VERSION; print(OLLAMA_VERSION)'))"
-python -m ollama_ft.ollama_server install
+# Ollama releases after 0.11.4 need C++ headers their Go module zip leaves out (README, "Ollama
+# versions"): two come from Debian, miniaudio.h from a PyPI sdist (fetched by the install step).
+missing=()
+[ -f /usr/include/nlohmann/json.hpp ] || missing+=(nlohmann-json3-dev)
+[ -f /usr/include/stb/stb_image.h ] || missing+=(libstb-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+  step "Debian packages for building the current Ollama: ${missing[*]}"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+step "the Ollama servers (the $(python -c 'from ollama_ft.ollama_server import TESTED_OLLAMA_VERSIONS as v; print(" floor and ".join(v))'), built once per CPU level and cached)"
+python -m ollama_ft.ollama_server install --all
 
 step "done: . .venv/bin/activate && ollama-ft --help"
