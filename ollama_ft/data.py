@@ -4,6 +4,13 @@ check every record, and turn each into a list of chat messages.
 Formats: `messages` (chat turns), `alpaca` (instruction/input/output), `text` (plain text). Every
 record is checked before training starts; a bad one is reported with its file and line, or
 skipped and counted when the recipe says `on_bad_record = "skip"`.
+
+Files as editors and exporters write them are accepted: a UTF-8 byte-order mark at the start
+(Windows Notepad, Excel's "CSV UTF-8"), CRLF line endings, and a message `content` given as a list
+of OpenAI-style parts (`[{"type": "text", "text": ...}, ...]`). Text parts are joined with "\n",
+as vLLM's OpenAI server joins them: an empty joiner would glue the last word of one part to the
+first word of the next. Any other part (an image, audio, a file) stops the run with the record's
+file:line, since ollama-ft trains text-only models.
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ def _read_records(path: Path) -> Iterator[tuple[int, Any]]:
             with open(path, "rb") as fh:
                 for number, raw in enumerate(fh, start=1):
                     try:
-                        line = raw.decode("utf-8")
+                        # "utf-8-sig" drops a byte-order mark, which can only stand at the very start.
+                        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                     except UnicodeDecodeError as exc:
                         yield number, DataError(f"{path}:{number}: not valid UTF-8 (byte {exc.start})",
                                                 "save the file as UTF-8")
@@ -61,15 +69,21 @@ def _read_records(path: Path) -> Iterator[tuple[int, Any]]:
                         yield number, DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})",
                                                 "each line of a .jsonl file must be one JSON object")
         elif suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if not isinstance(data, list):
                 raise DataError(f"{path}: a .json data file must hold a list of records", "or use .jsonl")
             yield from enumerate(data, start=1)
         elif suffix in (".csv", ".parquet"):
             import pandas as pd  # a dependency of datasets; only needed for these formats
 
-            frame = pd.read_csv(path, keep_default_na=False) if suffix == ".csv" else pd.read_parquet(path)
+            if suffix == ".csv":
+                frame = pd.read_csv(path, keep_default_na=False, encoding="utf-8-sig")
+            else:
+                frame = pd.read_parquet(path)
             for number, row in enumerate(frame.to_dict(orient="records"), start=2 if suffix == ".csv" else 1):
+                if suffix == ".csv":
+                    # A quoted cell of a CRLF file keeps its "\r\n"s: they are the file's line endings, not text.
+                    row = {k: v.replace("\r\n", "\n") if isinstance(v, str) else v for k, v in row.items()}
                 yield number, row
         else:
             raise DataError(f"{path}: unsupported data file type {suffix!r}", "use .jsonl, .json, .csv or .parquet")
@@ -125,12 +139,37 @@ def to_example(record: Any, fmt: str, source: str, system_prompt: str | None) ->
             role = message.get("role", {"human": "user", "gpt": "assistant"}.get(message.get("from"), message.get("from")))
             if role not in ROLES:
                 raise ValueError(f"messages[{i}].role = {role!r}; use one of {', '.join(ROLES)}")
-            content = _as_text(message.get("content", message.get("value")), f"messages[{i}].content")
+            content = message.get("content", message.get("value"))
+            if isinstance(content, list):
+                content = _join_text_parts(content, f"messages[{i}].content")
+            content = _as_text(content, f"messages[{i}].content")
             messages.append({"role": role, "content": content})
         _check_order(messages)
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return Example(messages=messages, source=source)
+
+
+class NotTextPart(ValueError):
+    """A content part ollama-ft cannot train on; carries its own fix for the one-line error."""
+
+    fix = ("ollama-ft trains text-only models: keep only {\"type\": \"text\"} parts in the record, "
+           "or set data.on_bad_record = \"skip\" to leave such records out")
+
+
+def _join_text_parts(parts: list[Any], what: str) -> str:
+    """OpenAI-style content parts -> one string: the text parts joined with "\n" (see the top)."""
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict):
+            raise ValueError(f"{what}[{j}] must be an object such as {{\"type\": \"text\", \"text\": ...}}, "
+                             f"got {type(part).__name__}")
+        if part.get("type") != "text":
+            raise NotTextPart(f"{what}[{j}] has type {part.get('type')!r}, not 'text'")
+        texts.append(_as_text(part.get("text"), f"{what}[{j}].text"))
+    if not texts:
+        raise ValueError(f"{what} is an empty list of parts")
+    return "\n".join(texts)
 
 
 def _check_order(messages: list[dict[str, str]]) -> None:
@@ -186,7 +225,8 @@ def load_examples(paths: list[Path | str], fmt: str, *, system_prompt: str | Non
                 if on_bad_record == "error":
                     if isinstance(exc, DataError):
                         raise
-                    raise DataError(f"{source}: {exc}", "fix the record, or set data.on_bad_record = \"skip\"") from None
+                    fix = getattr(exc, "fix", "fix the record, or set data.on_bad_record = \"skip\"")
+                    raise DataError(f"{source}: {exc}", fix) from None
                 skipped += 1
                 reason = str(exc).split(":")[0] if isinstance(exc, ValueError) else "unreadable line"
                 reasons[reason] = reasons.get(reason, 0) + 1

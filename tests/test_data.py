@@ -108,3 +108,111 @@ def test_hub_dataset_records_go_through_the_same_checks(tmp_path, monkeypatch):
     text = '[model]\nbase = "tiny:llama"\n[data]\ntrain = "someone/chats"\non_bad_record = "skip"\n[ollama]\nname = "t"\n'
     data = load_data(parse_recipe(text, tmp_path / "r.toml"))
     assert len(data.train) == 1 and data.skipped == 1
+
+
+# --- files as people write them: a BOM, CRLF line endings, OpenAI-style content parts ----------
+
+BOM = "\ufeff".encode()
+TURNS = [{"role": "user", "content": "Türkiye'nin başkenti neresidir?"},
+         {"role": "assistant", "content": "Ankara."}]
+
+
+def recipe_with_file(tmp_path, name, raw: bytes, extra=""):
+    (tmp_path / name).write_bytes(raw)
+    text = f'[model]\nbase = "tiny:llama"\n[data]\ntrain = "{name}"\n{extra}\n[ollama]\nname = "t"\n'
+    return parse_recipe(text, tmp_path / "r.toml")
+
+
+def test_jsonl_with_bom_and_crlf_reads_as_written(tmp_path):
+    lines = [json.dumps({"messages": TURNS}, ensure_ascii=False), json.dumps(GOOD, ensure_ascii=False)]
+    recipe = recipe_with_file(tmp_path, "d.jsonl", BOM + "\r\n".join(lines).encode() + b"\r\n")
+    data = load_data(recipe)
+    # Neither the mark nor a "\r" reaches the text the model trains on.
+    assert [e.messages for e in data.train] == [TURNS, GOOD["messages"]]
+    assert [e.source for e in data.train] == [f"{tmp_path / 'd.jsonl'}:1", f"{tmp_path / 'd.jsonl'}:2"]
+
+
+def test_bom_and_crlf_keep_line_numbers_in_errors(tmp_path):
+    lines = [json.dumps(GOOD), '{"messages": [{"role": "user", "content": "x"}]}']
+    recipe = recipe_with_file(tmp_path, "d.jsonl", BOM + "\r\n".join(lines).encode() + b"\r\n")
+    with pytest.raises(DataError) as info:
+        load_data(recipe)
+    assert str(info.value).startswith(f"{tmp_path / 'd.jsonl'}:2: the last turn must be the assistant's answer")
+
+
+def test_a_bom_only_counts_at_the_start(tmp_path):
+    # U+FEFF inside a file is a character, not a mark: the line stays invalid JSON.
+    recipe = recipe_with_file(tmp_path, "d.jsonl", json.dumps(GOOD).encode() + b"\n" + BOM + json.dumps(GOOD).encode())
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid JSON"):
+        load_data(recipe)
+
+
+def test_json_file_with_bom_and_crlf(tmp_path):
+    raw = BOM + json.dumps([{"messages": TURNS}, GOOD], ensure_ascii=False, indent=1).replace("\n", "\r\n").encode()
+    data = load_data(recipe_with_file(tmp_path, "d.json", raw))
+    assert [e.messages for e in data.train] == [TURNS, GOOD["messages"]]
+
+
+def test_csv_with_bom_crlf_and_a_multiline_cell(tmp_path):
+    # As Excel's "CSV UTF-8" saves it: a BOM before the header, CRLF rows, "\r\n" inside a quoted cell.
+    raw = BOM + ('instruction,input,output\r\n'
+                 'Başkenti yaz,Türkiye,Ankara\r\n'
+                 '"İki satır:\r\nbir, iki",,"Bir\r\nİki"\r\n').encode()
+    data = load_data(recipe_with_file(tmp_path, "d.csv", raw))
+    assert data.format == "alpaca"  # the header's first name is "instruction", not "\ufeffinstruction"
+    assert [e.messages for e in data.train] == [
+        [{"role": "user", "content": "Başkenti yaz\n\nTürkiye"}, {"role": "assistant", "content": "Ankara"}],
+        [{"role": "user", "content": "İki satır:\nbir, iki"}, {"role": "assistant", "content": "Bir\nİki"}],
+    ]
+    assert [e.source for e in data.train] == [f"{tmp_path / 'd.csv'}:2", f"{tmp_path / 'd.csv'}:3"]
+
+
+def parts(*texts, extra=()):
+    return [{"type": "text", "text": t} for t in texts] + list(extra)
+
+
+def test_openai_content_parts_are_joined_with_a_newline(tmp_path):
+    record = {"messages": [{"role": "system", "content": parts("Kısa cevap ver.")},
+                           {"role": "user", "content": parts("Türkiye'nin başkenti", "neresidir?")},
+                           {"role": "assistant", "content": parts("Ankara.")}]}
+    data = load_data(recipe_for(tmp_path, [record, GOOD]))
+    assert data.train[0].messages == [{"role": "system", "content": "Kısa cevap ver."},
+                                      {"role": "user", "content": "Türkiye'nin başkenti\nneresidir?"},
+                                      {"role": "assistant", "content": "Ankara."}]
+    assert data.train[1].messages == GOOD["messages"]  # plain strings beside parts in one file
+
+
+def test_a_non_text_part_is_one_line_naming_the_record_and_the_type(tmp_path):
+    image = {"type": "image_url", "image_url": {"url": "https://example.org/ankara.png"}}
+    record = {"messages": [{"role": "user", "content": parts("Bu hangi şehir?", extra=[image])},
+                           {"role": "assistant", "content": "Ankara."}]}
+    recipe = recipe_for(tmp_path, [GOOD, record])
+    with pytest.raises(DataError) as info:
+        load_data(recipe)
+    assert str(info.value) == (
+        f"{tmp_path / 'd.jsonl'}:2: messages[0].content[1] has type 'image_url', not 'text' "
+        '(ollama-ft trains text-only models: keep only {"type": "text"} parts in the record, '
+        'or set data.on_bad_record = "skip" to leave such records out)')
+    assert "\n" not in str(info.value) and info.value.exit_code == 2
+
+
+def test_non_text_parts_are_skipped_and_counted_in_skip_mode(tmp_path):
+    audio = {"type": "input_audio", "input_audio": {"data": "...", "format": "wav"}}
+    record = {"messages": [{"role": "user", "content": parts(extra=[audio])}, {"role": "assistant", "content": "x"}]}
+    data = load_data(recipe_for(tmp_path, [GOOD, record, GOOD], extra='on_bad_record = "skip"'))
+    assert len(data.train) == 2 and data.skipped == 1
+    assert data.skipped_reasons == {"messages[0].content[0] has type 'input_audio', not 'text'": 1}
+
+
+@pytest.mark.parametrize("content, message", [
+    ([], "messages[0].content is an empty list of parts"),
+    ([{"type": "text", "text": "  "}], "messages[0].content[0].text is empty"),
+    ([{"type": "text"}], "messages[0].content[0].text must be a string, got NoneType"),
+    (["Merhaba"], 'messages[0].content[0] must be an object such as {"type": "text", "text": ...}, got str'),
+    ([{"text": "Merhaba"}], "messages[0].content[0] has type None, not 'text'"),
+])
+def test_malformed_parts_name_the_part(tmp_path, content, message):
+    record = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "x"}]}
+    with pytest.raises(DataError) as info:
+        load_data(recipe_for(tmp_path, [record]))
+    assert str(info.value).startswith(f"{tmp_path / 'd.jsonl'}:1: {message}"), str(info.value)
