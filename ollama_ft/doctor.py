@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ollama_ft.errors import OllamaFtError
-from ollama_ft.ollama_server import OLLAMA_VERSION, binary_version, find_ollama_binary, normalise_host, server_version
+from ollama_ft.ollama_server import (BEHAVIOUR_SINCE, OLLAMA_VERSION, TESTED_OLLAMA_VERSIONS, binary_version,
+                                      find_ollama_binary, normalise_host, server_features, server_version)
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -203,21 +204,37 @@ def _llama_cpp_checks() -> list[Check]:
     return [converter, quantizer]
 
 
+def _behaviour_check(version: str) -> Check:
+    """Which of the changes since the 0.11.4 floor the running server has (ollama_server.BEHAVIOUR_SINCE)."""
+    features = server_features(version)
+    names = {"render_only": "render-only prompts", "thinking_field": "thinking returned apart",
+             "jinja_preferred": "Jinja preferred over TEMPLATE", "blob_rewrite": "imported GGUFs rewritten"}
+    detail = "; ".join(f"{names[k]}: {'yes' if on else 'no'} ({'from' if on else 'needs'} {BEHAVIOUR_SINCE[k][0]})"
+                       for k, on in features.items())
+    tested = version in TESTED_OLLAMA_VERSIONS
+    return Check("Ollama behaviour", "ok" if tested else "warning", f"v{version}: {detail}",
+                 "" if tested else f"ollama-ft is tested with v{' and v'.join(TESTED_OLLAMA_VERSIONS)}", "optional")
+
+
 def _ollama_checks(host: str) -> list[Check]:
     running = server_version(host, timeout=2)
     server = (Check("Ollama server", "ok", f"{running} at {host}", "", "recipe") if running else
               Check("Ollama server", "missing", f"not reachable at {host}",
                     "start it with `ollama serve` (first `ollama-ft install-ollama` if there is no binary), "
                     "or set ollama.host / OLLAMA_HOST", "recipe"))
+    behaviour = [_behaviour_check(running)] if running else []
     binary = find_ollama_binary()
     if binary is None:
         # A reachable server (perhaps another machine's) is all a build needs.
         return [Check("Ollama binary", "warning" if running else "missing", "not on PATH and not built",
-                      "ollama-ft install-ollama (builds the pinned v" + OLLAMA_VERSION + ")", "recipe"), server]
+                      "ollama-ft install-ollama (builds the pinned v" + OLLAMA_VERSION + ")", "recipe"), server,
+                *behaviour]
     version = binary_version(binary)
-    pinned = version == OLLAMA_VERSION
+    pinned = version in TESTED_OLLAMA_VERSIONS
     return [Check("Ollama binary", "ok" if pinned else "warning", f"{binary} ({version or 'unknown version'})",
-                  "" if pinned else f"tested with v{OLLAMA_VERSION}: ollama-ft install-ollama", "recipe"), server]
+                  "" if pinned else f"tested with v{' and v'.join(TESTED_OLLAMA_VERSIONS)}: ollama-ft install-ollama",
+                  "recipe"), server,
+            *behaviour]
 
 
 def _resource_checks(runs_dir: Path, cuda: bool, recipe: Recipe | None) -> list[Check]:

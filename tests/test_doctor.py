@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ollama_ft.doctor import Check, blocking_checks, doctor_exit_code, render_doctor, run_doctor
-from ollama_ft.ollama_server import OLLAMA_VERSION, OllamaServer, find_ollama_binary, free_port
+from ollama_ft.ollama_server import OLLAMA_VERSION, TESTED_OLLAMA_VERSIONS, OllamaServer, find_ollama_binary, free_port
 from ollama_ft.recipe import parse_recipe
 
 RECIPE = """
@@ -68,6 +68,17 @@ def test_present_ollama(tmp_path: Path) -> None:
         assert binary.status == "ok"
     assert rows["Ollama server"].status == "ok"
     assert server.host in rows["Ollama server"].detail and rows["Ollama server"].detail[0].isdigit()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("version", TESTED_OLLAMA_VERSIONS)
+def test_doctor_names_the_servers_version_and_what_changed_since_the_floor(version, ollama_servers, tmp_path):
+    server = ollama_servers.get(version)
+    row = _rows(run_doctor(host=server.host, runs_dir=tmp_path))["Ollama behaviour"]
+    assert row.status == "ok" and row.detail.startswith(f"v{version}: ")
+    newer = version != OLLAMA_VERSION   # the floor predates every change listed; the current one has the first two
+    assert ("render-only prompts: yes" in row.detail) == newer and ("thinking returned apart: yes" in row.detail) == newer
+    assert "Jinja preferred over TEMPLATE: no (needs 0.30.0)" in row.detail
 
 
 def test_four_bit_recipe_fails_on_a_cpu_machine(tmp_path: Path) -> None:
