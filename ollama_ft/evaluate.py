@@ -48,7 +48,8 @@ class CaseResult(_Model):
     category: str
     held_in: bool
     prompt: str  # the last user message, for the report
-    reply: str | None
+    reply: str | None  # the answer (message.content): what the checks grade
+    thinking: str | None = None  # message.thinking, kept apart (thinking models on Ollama 0.12.5+)
     passed: bool
     checks: list[CheckOutcome] = []
     error: str | None = None  # the request failed after all retries; the case counts as failed
@@ -167,6 +168,9 @@ def _run_case(client: ollama.Client, host: str, model: str, case: Case, judge_mo
                           latency_s=round(time.perf_counter() - started, 3))
     latency = round(time.perf_counter() - started, 3)
     reply = resp.message.content or ""
+    # From 0.12.5 a thinking model thinks unless told not to, and the server returns that apart
+    # from the answer; only the answer is graded.
+    thinking = getattr(resp.message, "thinking", None) or None
 
     def judge(check: JudgeCheck, text: str) -> str:
         name = check.model or judge_model
@@ -181,7 +185,7 @@ def _run_case(client: ollama.Client, host: str, model: str, case: Case, judge_mo
     if resp.eval_count and resp.eval_duration:
         speed = round(resp.eval_count / (resp.eval_duration / 1e9), 2)
     return CaseResult(
-        **base, reply=reply, checks=outcomes, passed=all(o.result.passed for o in outcomes),
+        **base, reply=reply, thinking=thinking, checks=outcomes, passed=all(o.result.passed for o in outcomes),
         latency_s=latency, attempts=attempts, prompt_eval_count=resp.prompt_eval_count,
         eval_count=resp.eval_count, tokens_per_s=speed,
     )

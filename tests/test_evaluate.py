@@ -92,6 +92,19 @@ def test_retries_a_503_then_succeeds(server: ScriptedServer) -> None:
     assert seen == [(1, 1)]
 
 
+# A thinking model on Ollama 0.12.5+ (the shape of api.ChatResponse there): the reasoning comes
+# back in message.thinking, the answer in message.content.
+CHAT_THINKING = {**CHAT_OK, "message": {"role": "assistant", "content": "Bilmiyorum.",
+                                        "thinking": "Başkent Ankara, ama kısa cevap vereyim."}}
+
+
+@pytest.mark.parametrize("server", [[(200, CHAT_THINKING)]], indirect=True)
+def test_thinking_is_kept_apart_and_only_the_answer_is_graded(server: ScriptedServer) -> None:
+    case = evaluate_model(server.host, "tiny", one_case_suite()).cases[0]
+    assert case.reply == "Bilmiyorum." and case.thinking == "Başkent Ankara, ama kısa cevap vereyim."
+    assert not case.passed   # "Ankara" is only in the thinking
+
+
 @pytest.mark.parametrize("server", [[(503, {"error": "overloaded"})]], indirect=True)
 def test_persistent_5xx_is_recorded_on_the_case(server: ScriptedServer) -> None:
     report = evaluate_model(server.host, "tiny", one_case_suite(), retries=1)
