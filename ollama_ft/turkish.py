@@ -1,4 +1,4 @@
-"""Turkish-aware text normalisation and an offline "is this Turkish?" check.
+"""Turkish-aware text normalisation and an offline "is this Turkish?" check (py3langid).
 
 Every text check in the eval suite compares through `normalise`, so "İSTANBUL" matches
 "istanbul" and "IĞDIR" matches "ığdır". Python's own `str.lower()` is wrong for Turkish:
@@ -15,6 +15,7 @@ it maps "I" to "i" (should be "ı") and "İ" to "i" + U+0307 (a stray combining 
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
 
 __all__ = [
@@ -97,65 +98,41 @@ def normalise(s: str, *, diacritics: bool = False) -> str:
 
 # --- language check -----------------------------------------------------------------------
 
-# Frequent Turkish words without special letters, so plain-ASCII Turkish is still recognised.
-_TR_WORDS = frozenset(
-    """ve veya ile bir bu şu o da de ki mi mı mu mü ne için gibi kadar daha en çok az her hem
-    ise ama fakat ancak yani değil var yok evet hayır lütfen merhaba teşekkür ederim tamam
-    ben sen biz siz onlar bana sana beni seni bizi onu bunu şunu bunun onun olan olarak oldu
-    olur nasıl neden niçin nerede nereye hangi hangisi kim kaç sonra önce şimdi bugün yarın dün
-    iyi güzel büyük küçük yeni eski gün yıl il ilk son diye bile sadece yalnızca çünkü eğer""".split()
-)
-_EN_WORDS = frozenset(
-    """the a an and or but of to in on at by for with from into about as is are was were be been
-    being am do does did have has had not no yes this that these those it its he she they we you
-    your my our their his her what which who whom where when why how there here can could will
-    would should shall may might must i me him them us if then than so very just also only
-    please thanks thank hello hi sorry okay""".split()
-)
-# Endings that are common in Turkish words and rare at the end of English ones.
-_TR_SUFFIX = re.compile(
-    r"(lar|ler|ları|leri|lık|lik|luk|lük|dır|dir|dur|dür|tır|tir|tur|tür|yor|yorum|yoruz|mış|miş|"
-    r"muş|müş|acak|ecek|ında|inde|ından|inden|nın|nin|nun|nün|dı|dü|tı|tü|mak|mek|sın|sin|"
-    r"ıyla|iyle|daki|deki|taki|teki|ması|mesi|dık|dik|tık|tik)$"
-)
-_EN_CUE = re.compile(r"(ing|tion|ly|ous|ness|ment|ght)$|th|wh|w|q|x|ee|oo")
-_EN_CONTRACTION = re.compile(r"'(s|t|re|ll|ve|m|d)$")
-_TR_ONLY_LETTERS = set("çğıöşüÇĞİÖŞÜ")
-_TOKEN = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+# py3langid (a maintained fork of langid.py, 4.4 MB with its model, numpy only) was chosen by
+# measurement on benchmarks/data/language_id.jsonl: see benchmarks/results/2026-11-26-language-id/.
+_LETTER = re.compile(r"[^\W\d_]")
+_identifier = None
+_identifier_lock = threading.Lock()
 
 
-def _word_votes(token: str) -> tuple[int, int]:
-    """(Turkish, English) evidence for one word: each is 0 or 1."""
-    en_low = token.lower()
-    tr_low = casefold_tr(token)
-    tr = bool(
-        _TR_ONLY_LETTERS.intersection(token)
-        or tr_low in _TR_WORDS
-        or ("'" in tr_low and not _EN_CONTRACTION.search(en_low))
-        or (len(tr_low) > 4 and _TR_SUFFIX.search(tr_low) and not _EN_CUE.search(en_low))
-    )
-    en = not tr and bool(
-        en_low in _EN_WORDS or _EN_CONTRACTION.search(en_low) or _EN_CUE.search(en_low)
-    )
-    return int(tr), int(en)
+def _language_identifier():
+    """py3langid's identifier with probabilities, loaded once (about 2 s) on first use."""
+    global _identifier
+    with _identifier_lock:  # the eval runs cases in threads; load the model once
+        if _identifier is None:
+            from py3langid.langid import MODEL_FILE, LanguageIdentifier  # imported here: keeps --help fast
+
+            _identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        return _identifier
 
 
 def is_turkish(text: str) -> tuple[bool, float]:
     """Guess whether `text` is Turkish, offline. Returns (verdict, score in [0, 1]).
 
-    Each word votes Turkish (Turkish-only letters, a common Turkish word, a Turkish ending,
-    an apostrophe suffix such as "Ankara'dır") or English (common English word, English
-    ending or letter pattern); the score is (tr + 0.5) / (tr + en + 1), so one word counts
-    for little and a text with no evidence either way (a bare name: "Ankara.") scores 0.5.
-    The verdict is score >= 0.5. A text with no letters at all is (False, 0.0).
+    py3langid ranks its 140 languages; the score is Turkish's share of Turkish plus the most
+    likely other language, so the verdict, score >= 0.5, means Turkish is ranked first, and a
+    reply Turkish only by a hair scores near 0.5. A text with no letters is (False, 0.0).
+    One-word replies ("Evet.") are beyond every library measured: judge sentences.
     """
-    tokens = _TOKEN.findall(fold_punctuation(nfc(text)))
-    if not tokens:
+    text = fold_punctuation(nfc(text))
+    if not _LETTER.search(text):
         return False, 0.0
-    tr = en = 0
-    for token in tokens:
-        t, e = _word_votes(token)
-        tr += t
-        en += e
-    score = (tr + 0.5) / (tr + en + 1)
-    return score >= 0.5, round(score, 3)
+    if text.isupper() and "İ" in text:
+        # py3langid lowers all-caps text with Python's rules ("İ" -> "i" + a combining dot). Only a
+        # dotted capital says the text is Turkish-cased: lowering "I LOVE" the Turkish way makes it Turkish.
+        text = casefold_tr(text)
+    ranked = _language_identifier().rank(text)
+    turkish = dict(ranked).get("tr", 0.0)
+    other = next(p for lang, p in ranked if lang != "tr")
+    score = round(turkish / (turkish + other), 3) if turkish + other > 0 else 0.0
+    return score >= 0.5, score
