@@ -1,8 +1,9 @@
 """Chat-template families: the Jinja template a model trains with and the Go template Ollama runs.
 
-The families live in `modelfiles/<family>.toml` (one file each, readable on their own). A model
-trained with one family's Jinja template gets the same family's Go TEMPLATE and stop tokens in
-its Modelfile, which is what keeps a fine-tune from "never stopping" once it is in Ollama.
+The families live in `modelfiles/<family>.toml` (one file each, readable on their own; installed as
+`ollama_ft.resources.modelfiles`). A model trained with one family's Jinja template gets the same
+family's Go TEMPLATE and stop tokens in its Modelfile, which is what keeps a fine-tune from "never
+stopping" once it is in Ollama.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 from ollama_ft.errors import UserInputError
+from ollama_ft.resources import bundled
 
-MODELFILES_DIR = Path(__file__).resolve().parent.parent / "modelfiles"
-FAMILIES = ("chatml", "llama3", "mistral", "gemma", "alpaca")
+FAMILIES = ("chatml", "llama31", "llama3", "mistral", "gemma", "phi3", "alpaca")
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,7 @@ class ChatFamily:
 def load_family(name: str) -> ChatFamily:
     if name not in FAMILIES:
         raise UserInputError(f"unknown chat template {name!r}", f"choose one of: {', '.join(FAMILIES)}")
-    path = MODELFILES_DIR / f"{name}.toml"
-    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    data = tomllib.loads(bundled("modelfiles", f"{name}.toml").read_text(encoding="utf-8"))
     return ChatFamily(name=data["family"], jinja=data["jinja"], go_template=data["template"],
                       stop=tuple(data["stop"]), marker=data["marker"])
 

@@ -231,8 +231,9 @@ def eval_command(model: str, suite: Path | None, baseline: str | None, concurren
     from ollama_ft.eval_suite import load_suite
     from ollama_ft.evaluate import compare_reports, evaluate_model, render_table, write_report
     from ollama_ft.ollama_server import normalise_host
+    from ollama_ft.resources import bundled
 
-    suite_path = suite or Path(__file__).resolve().parent.parent / "evals" / "turkish-core.toml"
+    suite_path = suite or bundled("evals", "turkish-core.toml")
     loaded = load_suite(suite_path)
     host = normalise_host(host)
     console = _console()

@@ -22,8 +22,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_CORPUS = DATA_DIR / "turkish-demo.jsonl"
+from ollama_ft.resources import bundled
+
+DEFAULT_CORPUS = bundled("data", "turkish-demo.jsonl")
 TINY_BUILD_VERSION = 2  # bump when the recipe below changes, so cached bases are rebuilt
 
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
