@@ -134,15 +134,17 @@ def tokenizer_metadata(gguf_path: Path) -> dict[str, Any]:
 
 
 def _summary(meta: dict[str, Any]) -> TokenizerSummary:
+    # llama.cpp's defaults when a key is absent: SentencePiece bos 1, eos 2, unk 0; BPE none we support.
+    defaults = {"bos": 1, "eos": 2, "unknown": 0} if meta.get("tokenizer.ggml.model") == "llama" else {}
+
     def token_id(key: str) -> int | None:
-        value = meta.get(f"tokenizer.ggml.{key}_token_id")
+        value = meta.get(f"tokenizer.ggml.{key}_token_id", defaults.get(key))
         return None if value is None else int(value)
 
     return TokenizerSummary(
         model=meta.get("tokenizer.ggml.model", ""), pre=meta.get("tokenizer.ggml.pre"),
         vocab_size=len(meta.get("tokenizer.ggml.tokens") or []),
         bos_id=token_id("bos"), eos_id=token_id("eos"), pad_id=token_id("padding"), unk_id=token_id("unknown"),
-        # llama.cpp's defaults when the key is absent: SentencePiece adds BOS, BPE does not.
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")),
         add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
 
@@ -426,17 +428,23 @@ def _write_tokenizer(meta: dict, summary: TokenizerSummary, arch: str, out: Path
         "model_max_length": int(meta.get(f"{arch}.context_length", 2048)),
     }
     if summary.model == "gpt2":
-        tokenizer_json = _bpe_tokenizer_json(tokens, types, meta.get("tokenizer.ggml.merges") or [], summary.pre)
+        tokenizer_json = _bpe_tokenizer_json(tokens, types, meta.get("tokenizer.ggml.merges") or [], summary)
         (out / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
         # Loaded as it is: a model-specific class would rebuild its own pre-tokenizer around the vocabulary.
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     else:
+        # tokenizer.model is what llama.cpp's converter reads back after training.
         _write_sentencepiece(meta, tokens, types, summary, out / "tokenizer.model")
-        add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-        if add_prefix:
-            config.update(tokenizer_class="LlamaTokenizer", legacy=False, add_prefix_space=True)
+        if meta.get("tokenizer.ggml.add_space_prefix", True):
+            # llama.cpp puts a space before every text run that starts the input or follows a special
+            # token, even one that starts with a space; no transformers class does (LlamaTokenizer's
+            # Metaspace skips runs that start with one), so HF gets a tokenizer.json that does.
+            scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+            tokenizer_json = _spm_tokenizer_json(tokens, scores, types, summary)
+            (out / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
+            config.update(tokenizer_class="PreTrainedTokenizerFast", add_prefix_space=True)
         else:
-            # GemmaTokenizer: SentencePiece BPE with byte fallback and no dummy-prefix space.
+            # GemmaTokenizer converts tokenizer.model as llama.cpp tokenizes it: byte fallback, no prefix space.
             config.update(tokenizer_class="GemmaTokenizer", mask_token=token(_find(tokens, "<mask>")))
     if meta.get("tokenizer.chat_template"):
         config["chat_template"] = meta["tokenizer.chat_template"]
@@ -451,24 +459,79 @@ def _find(tokens: list[str], text: str) -> int | None:
         return None
 
 
-def _bpe_tokenizer_json(tokens: list[str], types: list[int], merges: list[str], pre: str) -> dict:
+def _bpe_tokenizer_json(tokens: list[str], types: list[int], merges: list[str], summary: TokenizerSummary) -> dict:
     """A `tokenizers` JSON for llama.cpp's byte-level BPE: same vocabulary, merge ranks and pre-tokenizer."""
     vocab: dict[str, int] = {}
     for token_id, text in enumerate(tokens):
         vocab.setdefault(text, token_id)
-    added = [{"id": token_id, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": kind != USER_DEFINED}
-             for token_id, (text, kind) in enumerate(zip(tokens, types)) if kind in (CONTROL, USER_DEFINED, UNKNOWN)]
     return {
         "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": added,
+        "added_tokens": _added_tokens(tokens, types),
         "normalizer": None,
-        "pre_tokenizer": BPE_PRE_TOKENIZERS[pre],
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "pre_tokenizer": BPE_PRE_TOKENIZERS[summary.pre],
+        "post_processor": _post_processor(tokens, summary) or
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                   "vocab": vocab, "merges": [merge.split(" ", 1) for merge in merges]},
+    }
+
+
+def _post_processor(tokens: list[str], summary: TokenizerSummary) -> dict | None:
+    """BOS/EOS around each sequence as the GGUF's add_bos/add_eos say. transformers 5 ignores
+    tokenizer_config's add_bos_token when a tokenizer.json exists, so it has to be in here."""
+    def template(type_id: int) -> list[dict]:
+        parts = [{"Sequence": {"id": "AB"[type_id], "type_id": type_id}}]
+        if summary.add_bos and summary.bos_id is not None:
+            parts.insert(0, {"SpecialToken": {"id": tokens[summary.bos_id], "type_id": type_id}})
+        if summary.add_eos and summary.eos_id is not None:
+            parts.append({"SpecialToken": {"id": tokens[summary.eos_id], "type_id": type_id}})
+        return parts
+
+    used = [i for i, on in ((summary.bos_id, summary.add_bos), (summary.eos_id, summary.add_eos))
+            if on and i is not None]
+    if not used:
+        return None
+    return {"type": "TemplateProcessing", "single": template(0), "pair": template(0) + template(1),
+            "special_tokens": {tokens[i]: {"id": tokens[i], "ids": [i], "tokens": [tokens[i]]} for i in used}}
+
+
+def _added_tokens(tokens: list[str], types: list[int]) -> list[dict]:
+    """Control, unknown and user-defined tokens, matched whole before the model splits text, as llama.cpp does."""
+    return [{"id": token_id, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": kind != USER_DEFINED}
+            for token_id, (text, kind) in enumerate(zip(tokens, types)) if kind in (CONTROL, USER_DEFINED, UNKNOWN)]
+
+
+def _spm_tokenizer_json(tokens: list[str], scores: list[float], types: list[int], summary: TokenizerSummary) -> dict:
+    """A `tokenizers` JSON for llama.cpp's SentencePiece tokenizer with add_space_prefix.
+
+    llama.cpp merges the adjacent pair whose joined piece scores highest; a BPE whose merge ranks
+    follow the joined pieces' scores does the same. The normalizer runs on each text run between
+    added tokens, so its "▁" lands where llama.cpp puts its space."""
+    vocab = {text: token_id for token_id, text in reversed(list(enumerate(tokens)))}
+    merges = []
+    for token_id, piece in enumerate(tokens):
+        for cut in range(1, len(piece)):
+            if piece[:cut] in vocab and piece[cut:] in vocab:
+                merges.append((-scores[token_id], token_id, cut, piece[:cut], piece[cut:]))
+    merges.sort()
+    unk = tokens[summary.unk_id] if summary.unk_id is not None else None
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": _added_tokens(tokens, types),
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+        "pre_tokenizer": None,
+        "post_processor": _post_processor(tokens, summary),
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": BYTE in types,
+                  "ignore_merges": False, "vocab": vocab, "merges": [[left, right] for *_, left, right in merges]},
     }
 
 

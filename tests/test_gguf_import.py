@@ -199,6 +199,86 @@ def test_gemma3_import_continues_turkish_sensibly(gemma3):
     assert "Ankara" in continuation, continuation
 
 
+# ---------------------------------------------------------------- SentencePiece with and without a prefix space
+
+TRICKY_SPM_TEXTS = [
+    TURKISH,
+    "  two leading spaces\n\nand a blank line",
+    "<|im_start|>user\nMerhaba<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|> space after a special token",
+    "x<|im_end|>",
+    " 🦙 中文 ✅",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_base, tmp_path_factory) -> Path:
+    """The tiny Llama (SentencePiece BPE with byte fallback, ChatML markers) as an F16 GGUF."""
+    from ollama_ft.convert import run_converter
+
+    out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-f16.gguf"
+    run_converter(tiny_base, out, out.with_suffix(".log"))
+    return out
+
+
+def _with_metadata(source: Path, dest: Path, changes: dict[str, bool]) -> Path:
+    """A copy of `source` with some boolean metadata keys set, tensors unchanged."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(dest, arch=reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture" or field.name in changes:
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    for key, value in changes.items():
+        writer.add_bool(key, value)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data)
+    writer.close()
+    return dest
+
+
+@pytest.mark.e2e
+def test_sentencepiece_without_prefix_space_matches_llama_cpp(tiny_base, tiny_gguf, tmp_path):
+    from transformers import AutoTokenizer
+
+    assert tokenizer_metadata(tiny_gguf)["tokenizer.ggml.add_space_prefix"] is False
+    base = import_gguf(tiny_gguf, tmp_path / "hf")
+    assert json.loads((base.hf_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "GemmaTokenizer"
+    check = check_import(tiny_gguf, base.hf_path, TRICKY_SPM_TEXTS)
+    assert check.id_mismatches == [] and check.max_rel_logit_diff <= TOLERANCE and check.top1_agreement == 1.0
+    original, imported = AutoTokenizer.from_pretrained(tiny_base), AutoTokenizer.from_pretrained(base.hf_path)
+    for text in TRICKY_SPM_TEXTS:
+        assert imported(text).input_ids == original(text).input_ids
+
+
+@pytest.mark.e2e
+def test_sentencepiece_with_prefix_space_matches_llama_cpp(tiny_gguf, tmp_path):
+    """llama.cpp puts a space before every text run that follows a special token or starts the
+    input, even one that starts with a space; Llama-2-style GGUFs (Mistral, TinyLlama) tokenize so."""
+    from ollama_ft.convert import run_converter
+
+    source = _with_metadata(tiny_gguf, tmp_path / "prefix.gguf",
+                            {"tokenizer.ggml.add_space_prefix": True, "tokenizer.ggml.add_bos_token": True})
+    base = import_gguf(source, tmp_path / "hf")
+    check = check_import(source, base.hf_path, TRICKY_SPM_TEXTS)
+    assert check.id_mismatches == [] and check.max_rel_logit_diff <= TOLERANCE and check.top1_agreement == 1.0
+
+    back = tmp_path / "back.gguf"
+    run_converter(base.hf_path, back, tmp_path / "convert.log")
+    before, after = tokenizer_metadata(source), tokenizer_metadata(back)
+    for key in ("model", "tokens", "scores", "token_type", "add_space_prefix", "add_bos_token", "bos_token_id",
+                "eos_token_id"):
+        assert after[f"tokenizer.ggml.{key}"] == before[f"tokenizer.ggml.{key}"], key
+
+
 # ---------------------------------------------------------------- unit: transforms and refusals
 
 def test_rotary_unpermute_inverts_the_converter_s_permute():
