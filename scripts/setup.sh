@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything ollama-ft needs on a fresh Linux x86-64 machine (no GPU needed):
 # a virtual environment with the pinned Python packages (llama-cpp-python is built from source,
-# ~6 minutes on 2 cores the first time, then reused from pip's cache), Unsloth, and the pinned
-# Ollama server built from its Go module (~4 minutes the first time, then cached).
+# ~6 minutes on 2 cores the first time, then reused from pip's cache), Unsloth, and the two
+# tested Ollama servers built from their Go modules (4-8 minutes each the first time, then cached).
 #
 #   scripts/setup.sh            # idempotent: a second run only checks
 set -euo pipefail
