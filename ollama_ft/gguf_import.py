@@ -16,8 +16,10 @@ What the import does, and why each step:
   Gemma 3's local rope base 10,000 and sliding-window pattern of 6), so both compute the same thing.
 - the tokenizer is rebuilt from the GGUF's vocabulary, not taken from transformers' GGUF loader
   (which gets SmolLM2's eos and Gemma 3's merges wrong): a byte-level BPE `tokenizer.json` for
-  `tokenizer.ggml.model = gpt2`, a SentencePiece `tokenizer.model` for `llama`. A faithful BPE
-  tokenizer.json is also what lets llama.cpp's converter recognise the pre-tokenizer after training.
+  `tokenizer.ggml.model = gpt2`; for `llama` (SentencePiece) a `tokenizer.model`, plus a
+  `tokenizer.json` where llama.cpp adds a prefix space (no transformers class puts it where
+  llama.cpp does). A faithful BPE tokenizer.json is also what lets llama.cpp's converter recognise
+  the pre-tokenizer after training.
 
 `check_import` compares token ids with llama.cpp's tokenizer and next-token logits with llama.cpp
 evaluating an F32 copy of the source (llama-cpp-python crashes evaluating some quantized files
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -110,27 +113,148 @@ class ImportCheck:
         return self.ids_identical and self.max_rel_logit_diff <= tolerance
 
 
-# ---------------------------------------------------------------- reading GGUF metadata
+# ---------------------------------------------------------------- reading GGUF files
 
-def _reader(path: Path):
-    import gguf
+@dataclass(frozen=True)
+class GgufField:
+    type: Any                 # gguf.GGUFValueType
+    sub_type: Any             # the item type of an ARRAY, else None
+    value: Any
 
+
+@dataclass(frozen=True)
+class GgufTensor:
+    name: str
+    tensor_type: Any          # gguf.GGMLQuantizationType
+    dims: tuple[int, ...]     # GGUF order: the fastest-varying dimension first
+    n_elements: int
+    data: Any                 # numpy view of the file: float/int items, or bytes shaped (rows, row bytes)
+
+
+@dataclass(frozen=True)
+class GgufFile:
+    path: Path
+    fields: dict[str, GgufField]
+    tensors: list[GgufTensor]
+
+    def value(self, key: str, default: Any = None) -> Any:
+        field = self.fields.get(key)
+        return default if field is None else field.value
+
+
+def read_gguf(path: Path) -> GgufFile:
+    """A GGUF's metadata and tensors (memory-mapped, not loaded), little-endian files only.
+
+    gguf.GGUFReader builds a numpy view per string and takes ~30 s over a 262k-token vocabulary on
+    two cores; reading the header with struct takes about a second, and every stage here reads one."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFValueType
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import quant_shape_to_byte_shape
+
+    path = Path(path)
     try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise UserInputError(f"{path}: not a GGUF file llama.cpp's reader can open ({exc})",
-                             "give the path of a .gguf model file") from None
+        with open(path, "rb") as fh:
+            header = _HeaderCursor(fh)
+            magic, version = header.unpack("4sI")
+            if magic != b"GGUF" or version not in (2, 3):
+                raise ValueError(f"magic {magic!r}, version {version & 0xFFFFFFFF}")
+            n_tensors, n_fields = header.unpack("QQ")
+            fields = {}
+            for _ in range(n_fields):
+                key = header.string()
+                kind = GGUFValueType(header.unpack("I")[0])
+                if kind == GGUFValueType.ARRAY:
+                    sub_type, count = header.unpack("IQ")
+                    sub_type = GGUFValueType(sub_type)
+                    value = [header.value(sub_type) for _ in range(count)] if sub_type == GGUFValueType.STRING \
+                        else list(header.unpack(f"{count}{_SCALAR_FORMATS[sub_type]}"))
+                    fields[key] = GgufField(kind, sub_type, value)
+                else:
+                    fields[key] = GgufField(kind, None, header.value(kind))
+            infos = []
+            for _ in range(n_tensors):
+                name = header.string()
+                n_dims = header.unpack("I")[0]
+                dims = header.unpack(f"{n_dims}Q")
+                tensor_type, offset = header.unpack("IQ")
+                infos.append((name, GGMLQuantizationType(tensor_type), dims, offset))
+            alignment = fields["general.alignment"].value if "general.alignment" in fields else 32
+            data_start = -(-header.offset // alignment) * alignment
+    except (ValueError, KeyError, struct.error, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{path}: not a GGUF file this reader can open ({exc})",
+                             "give the path of a .gguf model file written by llama.cpp") from None
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read it ({exc.strerror})", "check the model.base path") from None
+
+    mapped = np.memmap(path, mode="r", dtype=np.uint8)
+    plain = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
+             GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
+             GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
+             GGMLQuantizationType.I64: np.int64}
+    tensors = []
+    for name, tensor_type, dims, offset in infos:
+        n_elements = int(np.prod(dims))
+        block, type_size = GGML_QUANT_SIZES[tensor_type]
+        start = data_start + offset
+        raw = mapped[start:start + n_elements * type_size // block]
+        shape = tuple(reversed(dims))
+        data = raw.view(plain[tensor_type]).reshape(shape) if tensor_type in plain else \
+            raw.reshape(quant_shape_to_byte_shape(shape, tensor_type))
+        tensors.append(GgufTensor(name, tensor_type, tuple(dims), n_elements, data))
+    return GgufFile(path, fields, tensors)
 
 
-def _fields(reader, prefix: str = "") -> dict[str, Any]:
-    """The file's metadata as Python values (GGUF.* header fields left out)."""
-    return {name: field.contents() for name, field in reader.fields.items()
-            if name.startswith(prefix) and not name.startswith("GGUF.")}
+# struct formats of GGUF's scalar value types (gguf.GGUFValueType numbers); 8 is STRING, 9 ARRAY.
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING = 8
+
+
+class _HeaderCursor:
+    """Reads a GGUF header front to back, a megabyte of the file at a time."""
+
+    def __init__(self, fh):
+        self.fh, self.buf, self.pos, self.consumed = fh, b"", 0, 0  # consumed: file bytes before buf
+
+    def _need(self, n: int) -> None:
+        if self.pos + n <= len(self.buf):
+            return
+        self.consumed += self.pos
+        self.buf = self.buf[self.pos:] + self.fh.read(max(1 << 20, n))
+        self.pos = 0
+        if n > len(self.buf):
+            raise ValueError("the file ends inside its header")
+
+    @property
+    def offset(self) -> int:
+        return self.consumed + self.pos
+
+    def unpack(self, fmt: str) -> tuple:
+        size = struct.calcsize("<" + fmt)
+        self._need(size)
+        values = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += size
+        return values
+
+    def string(self) -> str:
+        (length,) = self.unpack("Q")
+        self._need(length)
+        text = self.buf[self.pos:self.pos + length].decode("utf-8")
+        self.pos += length
+        return text
+
+    def value(self, kind: int):
+        return self.string() if kind == _STRING else self.unpack(_SCALAR_FORMATS[kind])[0]
+
+
+def _fields(gguf_file: GgufFile, prefix: str = "") -> dict[str, Any]:
+    """The file's metadata keys that start with `prefix`, as Python values."""
+    return {name: field.value for name, field in gguf_file.fields.items() if name.startswith(prefix)}
 
 
 def tokenizer_metadata(gguf_path: Path) -> dict[str, Any]:
     """Every `tokenizer.*` key of a GGUF, with its value."""
-    return _fields(_reader(Path(gguf_path)), "tokenizer.")
+    return _fields(read_gguf(Path(gguf_path)), "tokenizer.")
 
 
 def _summary(meta: dict[str, Any]) -> TokenizerSummary:
@@ -162,8 +286,8 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> ImportedBase:
     if (reused := _previous_import(out_dir, gguf_path, size, mtime_ns)) is not None:
         return reused
 
-    reader = _reader(gguf_path)
-    meta = _fields(reader)
+    model = read_gguf(gguf_path)
+    meta = _fields(model)
     arch = meta.get("general.architecture", "")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UserInputError(f"{gguf_path.name}: architecture {arch!r} cannot be imported from GGUF "
@@ -171,16 +295,16 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> ImportedBase:
                              "use a Hugging Face folder or id of the base model instead")
     summary = _summary(meta)
     _check_tokenizer_supported(gguf_path, summary)
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in model.tensors}
     if "rope_freqs.weight" in names:
         raise UserInputError(f"{gguf_path.name}: Llama-3.1-style rope scaling (rope_freqs) cannot be imported yet",
                              "use a Hugging Face folder or id of the base model instead")
 
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
-        config = _gemma3_config(meta, reader) if arch == "gemma3" else _llama_config(meta, reader)
+        config = _gemma3_config(meta, model) if arch == "gemma3" else _llama_config(meta, model)
         config.save_pretrained(tmp)
-        _write_weights(reader, arch, config, tmp)
+        _write_weights(model, arch, config, tmp)
         _write_tokenizer(meta, summary, arch, tmp)
         chat_template = meta.get("tokenizer.chat_template")
         # Written last: its presence means the folder is complete.
@@ -233,12 +357,14 @@ def _float(value: Any) -> float:
     return float(str(np.float32(value)))  # numpy prints the shortest decimal that round-trips
 
 
-def _common_config(meta: dict, reader, arch: str) -> dict[str, Any]:
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+def _common_config(meta: dict, model: GgufFile, arch: str) -> dict[str, Any]:
+    embd = next((t for t in model.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise UserInputError(f"{model.path.name} has no token_embd.weight tensor", "is it a complete model GGUF?")
     heads = int(_required(meta, arch, "attention.head_count"))
     summary = _summary(meta)
     return dict(
-        vocab_size=int(embd.shape[1]),  # GGUF shapes list the fastest-varying dimension first
+        vocab_size=embd.dims[1],  # GGUF dims list the fastest-varying dimension first
         hidden_size=int(_required(meta, arch, "embedding_length")),
         intermediate_size=int(_required(meta, arch, "feed_forward_length")),
         num_hidden_layers=int(_required(meta, arch, "block_count")),
@@ -246,7 +372,7 @@ def _common_config(meta: dict, reader, arch: str) -> dict[str, Any]:
         num_key_value_heads=int(_arch_value(meta, arch, "attention.head_count_kv", heads)),
         max_position_embeddings=int(_required(meta, arch, "context_length")),
         rms_norm_eps=_float(_required(meta, arch, "attention.layer_norm_rms_epsilon")),
-        tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
+        tie_word_embeddings="output.weight" not in {t.name for t in model.tensors},
         bos_token_id=summary.bos_id, eos_token_id=summary.eos_id, pad_token_id=summary.pad_id,
         dtype="float32",
     )
@@ -264,11 +390,11 @@ def _rope_scaling(meta: dict, arch: str) -> dict[str, Any]:
                          "use a Hugging Face folder or id of the base model instead")
 
 
-def _llama_config(meta: dict, reader):
+def _llama_config(meta: dict, model: GgufFile):
     from transformers import LlamaConfig
 
-    common = _common_config(meta, reader, "llama")
-    names = {t.name for t in reader.tensors}
+    common = _common_config(meta, model, "llama")
+    names = {t.name for t in model.tensors}
     head_dim = _arch_value(meta, "llama", "attention.key_length") or \
         _arch_value(meta, "llama", "rope.dimension_count") or common["hidden_size"] // common["num_attention_heads"]
     rope = {**_rope_scaling(meta, "llama"), "rope_theta": _float(_arch_value(meta, "llama", "rope.freq_base", 10000.0))}
@@ -277,10 +403,10 @@ def _llama_config(meta: dict, reader):
                        mlp_bias="blk.0.ffn_up.bias" in names)
 
 
-def _gemma3_config(meta: dict, reader):
+def _gemma3_config(meta: dict, model: GgufFile):
     from transformers import Gemma3TextConfig
 
-    common = _common_config(meta, reader, "gemma3")
+    common = _common_config(meta, model, "gemma3")
     layers = common["num_hidden_layers"]
     head_dim = int(_arch_value(meta, "gemma3", "attention.key_length", 256))
     window = int(_arch_value(meta, "gemma3", "attention.sliding_window", 0) or 0)
@@ -346,7 +472,7 @@ def _dequantize(tensor):
     from gguf.quants import dequantize, quant_shape_from_byte_shape
 
     data, qtype = tensor.data, tensor.tensor_type
-    if qtype in (Q.F32, Q.F16):
+    if qtype in (Q.F32, Q.F16, Q.F64):
         return np.array(data, dtype=np.float32)  # also a copy out of the read-only memory map
     try:
         out = np.empty(quant_shape_from_byte_shape(data.shape, qtype), dtype=np.float32)
@@ -380,12 +506,12 @@ def _hf_tensor(tensor, arch: str, config):
     return weight
 
 
-def _write_weights(reader, arch: str, config, out: Path) -> None:
+def _write_weights(model: GgufFile, arch: str, config, out: Path) -> None:
     """Float32 safetensors, in shards under SHARD_BYTES, one tensor dequantized at a time."""
     import numpy as np
     from safetensors.numpy import save_file
 
-    tensors = [t for t in reader.tensors if not (config.tie_word_embeddings and t.name == "output.weight")]
+    tensors = [t for t in model.tensors if not (config.tie_word_embeddings and t.name == "output.weight")]
     shards: list[list] = [[]]
     size = 0
     for tensor in tensors:
@@ -612,25 +738,22 @@ def write_float32_gguf(source: Path, dest: Path) -> None:
     import gguf
     import numpy as np
 
-    reader = _reader(source)
-    writer = gguf.GGUFWriter(dest, arch=reader.fields["general.architecture"].contents(),
-                             endianess=reader.endianess)
-    _copy_fields(reader, writer, skip=lambda name: name == "general.file_type")
+    model = read_gguf(source)
+    writer = gguf.GGUFWriter(dest, arch=model.value("general.architecture"))
+    _copy_fields(model, writer, skip=lambda name: name == "general.file_type")
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    integer = (gguf.GGMLQuantizationType.I8, gguf.GGMLQuantizationType.I16, gguf.GGMLQuantizationType.I32,
-               gguf.GGMLQuantizationType.I64)
-    for tensor in reader.tensors:
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        if tensor.tensor_type in integer:
-            writer.add_tensor_info(tensor.name, shape, tensor.data.dtype, tensor.data.nbytes)
+    for tensor in model.tensors:
+        if tensor.data.dtype.kind in "iu" and tensor.data.dtype != np.uint8:  # integer tensors stay as they are
+            writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes)
         else:
-            writer.add_tensor_info(tensor.name, shape, np.dtype(np.float32), int(tensor.n_elements) * 4)
+            writer.add_tensor_info(tensor.name, tuple(reversed(tensor.dims)), np.dtype(np.float32),
+                                   tensor.n_elements * 4)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        data = tensor.data if tensor.tensor_type in integer else _dequantize(tensor)
-        writer.write_tensor_data(data, tensor_endianess=reader.endianess)
+    for tensor in model.tensors:
+        integer = tensor.data.dtype.kind in "iu" and tensor.data.dtype != np.uint8
+        writer.write_tensor_data(tensor.data if integer else _dequantize(tensor))
     writer.close()
 
 
@@ -680,16 +803,14 @@ def write_source_tokenizer(source_gguf: Path, exported_gguf: Path) -> None:
     import gguf
 
     source_gguf, exported_gguf = Path(source_gguf), Path(exported_gguf)
-    source = _reader(source_gguf)
-    exported = _reader(exported_gguf)
-    n_tokens = len(source.fields["tokenizer.ggml.tokens"].data)
+    source, exported = read_gguf(source_gguf), read_gguf(exported_gguf)
+    n_tokens = len(source.value("tokenizer.ggml.tokens") or [])
     embd = next((t for t in exported.tensors if t.name == "token_embd.weight"), None)
-    if embd is not None and int(embd.shape[1]) != n_tokens:
-        raise StageError(f"{exported_gguf.name} has {int(embd.shape[1])} token embeddings but the source "
+    if embd is not None and embd.dims[1] != n_tokens:
+        raise StageError(f"{exported_gguf.name} has {embd.dims[1]} token embeddings but the source "
                          f"{source_gguf.name} has {n_tokens} tokens", "the vocabulary changed during training")
     with atomic_output(exported_gguf) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch=exported.fields["general.architecture"].contents(),
-                                 endianess=exported.endianess)
+        writer = gguf.GGUFWriter(tmp, arch=exported.value("general.architecture"))
         _copy_fields(exported, writer, skip=lambda name: name.startswith("tokenizer.ggml."))
         _copy_fields(source, writer, keep=lambda name: name.startswith("tokenizer.ggml."))
         for tensor in exported.tensors:
@@ -699,25 +820,17 @@ def write_source_tokenizer(source_gguf: Path, exported_gguf: Path) -> None:
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for tensor in exported.tensors:
-            writer.write_tensor_data(tensor.data, tensor_endianess=exported.endianess)
+            writer.write_tensor_data(tensor.data)
         writer.close()
-        del exported  # its memory map must close before the rename replaces the file
 
 
-def _copy_fields(reader, writer, skip=lambda name: False, keep=lambda name: True) -> None:
-    import gguf
-
-    alignment = reader.fields.get("general.alignment")
-    if alignment is not None:
-        writer.data_alignment = alignment.contents()
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue  # the writer writes these itself
-        if skip(field.name) or not keep(field.name):
-            continue
-        kind = field.types[0]
-        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
+def _copy_fields(model: GgufFile, writer, skip=lambda name: False, keep=lambda name: True) -> None:
+    if "general.alignment" in model.fields:
+        writer.data_alignment = model.value("general.alignment")
+    for name, field in model.fields.items():
+        if name == "general.architecture" or skip(name) or not keep(name):
+            continue  # the writer writes the architecture itself
+        writer.add_key_value(name, field.value, field.type, sub_type=field.sub_type)
 
 
 # ---------------------------------------------------------------- Ollama's store

@@ -313,6 +313,52 @@ def _tiny_gguf(path: Path, arch: str, model: str = "gpt2", pre: str = "smollm") 
     return path
 
 
+def test_read_gguf_reads_what_gguf_s_own_reader_reads(tmp_path):
+    """The import's fast header reader against gguf.GGUFReader: every value type, quantized,
+    float and integer tensors, a non-default alignment."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from gguf.quants import quantize
+
+    from ollama_ft.gguf_import import read_gguf
+
+    path = tmp_path / "all-types.gguf"
+    writer = gguf.GGUFWriter(path, arch="llama")
+    writer.data_alignment = 64
+    writer.add_uint32("general.alignment", 64)
+    writer.add_string("general.name", "Türkçe ığüşöç 🦙")
+    writer.add_bool("tokenizer.ggml.add_bos_token", True)
+    writer.add_float32("llama.rope.freq_base", 10000.0)
+    writer.add_uint64("test.u64", 2**40)
+    writer.add_int32("test.i32", -7)
+    writer.add_array("tokenizer.ggml.tokens", ["a", "Ġb", "▁c", "\n\n", ""] * 3)
+    writer.add_array("tokenizer.ggml.scores", [0.5, -1.0, 3.25])
+    writer.add_array("test.bools", [True, False])
+    rng = np.random.default_rng(0)
+    writer.add_tensor("q8.weight", quantize(rng.standard_normal((4, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("f16.weight", rng.standard_normal((3, 5)).astype(np.float16))
+    writer.add_tensor("f32.weight", rng.standard_normal(7).astype(np.float32))
+    writer.add_tensor("i32.weight", np.arange(6, dtype=np.int32).reshape(2, 3))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours, theirs = read_gguf(path), gguf.GGUFReader(path)
+    fields = {k: f for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert list(ours.fields) == list(fields)
+    for key, field in fields.items():
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        assert (ours.fields[key].value, ours.fields[key].type, ours.fields[key].sub_type) == \
+            (field.contents(), field.types[0], sub_type), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, reference in zip(ours.tensors, theirs.tensors):
+        assert (mine.tensor_type, mine.dims, mine.n_elements) == \
+            (reference.tensor_type, tuple(reference.shape.tolist()), reference.n_elements)
+        assert mine.data.dtype == reference.data.dtype and np.array_equal(mine.data, reference.data)
+
+
 def test_an_unsupported_architecture_is_refused_by_name(tmp_path):
     pytest.importorskip("gguf")
     source = _tiny_gguf(tmp_path / "tiny.gguf", "qwen2")
