@@ -29,6 +29,7 @@ back into a fine-tune's exported GGUF, so Ollama sees the vocabulary it knows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -706,7 +707,8 @@ def check_import(gguf_path: Path, hf_path: Path, texts: list[str]) -> ImportChec
 
     gguf_path, hf_path = Path(gguf_path), Path(hf_path)
     tokenizer = AutoTokenizer.from_pretrained(hf_path)
-    vocab = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    with _stderr_silenced():  # llama.cpp prints a context warning even with verbose=False
+        vocab = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     mismatches, rows = [], []
     for text in texts:
         hf_ids = list(tokenizer(text, add_special_tokens=True).input_ids)
@@ -731,6 +733,20 @@ def check_import(gguf_path: Path, hf_path: Path, texts: list[str]) -> ImportChec
         worst = max(worst, float(np.abs(hf_logits - ref[: hf_logits.shape[0]]).max()) / scale)
         agree += int(hf_logits.argmax() == ref.argmax())
     return ImportCheck(len(texts), mismatches, worst, agree / max(1, len(rows)))
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null for the block: C code writes there past sys.stderr."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def write_float32_gguf(source: Path, dest: Path) -> None:
