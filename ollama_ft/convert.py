@@ -27,6 +27,7 @@ class ConvertInput:
     sample_texts: list[str]
     tolerance: float          # max |Δlogit| relative to the largest |logit|
     log_path: Path
+    source_gguf: Path | None = None   # a GGUF base: its tokenizer metadata goes into the output as is
 
 
 @dataclass
@@ -46,6 +47,10 @@ def convert_to_gguf(inp: ConvertInput) -> ConvertOutput:
             hint = ("this tokenizer's pre-tokenizer is unknown to llama.cpp; a released model's tokenizer converts"
                     if "pre-tokenizer" in reason else f"full log: {inp.log_path}")
             raise StageError(f"GGUF conversion failed: {reason}", hint) from exc
+        if inp.source_gguf is not None:
+            from ollama_ft.gguf_import import write_source_tokenizer
+
+            write_source_tokenizer(inp.source_gguf, tmp)
         diff, agree = compare_logits(inp.merged_path, tmp, inp.sample_texts)
         if diff > inp.tolerance:
             raise StageError(f"GGUF check failed: F16 GGUF logits differ from the merged model's by {diff:.3g} "

@@ -123,6 +123,10 @@ def base_shape(recipe: Recipe) -> ModelShape:
         return ModelShape(s.vocab_size, s.hidden_size, s.intermediate_size, s.num_hidden_layers,
                           s.num_attention_heads, s.num_key_value_heads, s.hidden_size // s.num_attention_heads,
                           s.tie_word_embeddings, 4 if s.dtype == "float32" else 2)
+    from ollama_ft.base_model import base_kind
+
+    if base_kind(base) in ("gguf", "ollama"):
+        return shape_from_gguf(gguf_of(recipe))
     if base.startswith((".", "/", "~")):  # the pipeline's rule for a local folder (else a hub id)
         config_path = recipe.resolve(base) / "config.json"
         if not config_path.is_file():
@@ -133,6 +137,48 @@ def base_shape(recipe: Recipe) -> ModelShape:
             raise UserInputError(f"model.base = {base!r}: its config.json is not in the Hugging Face cache",
                                  "download the model and pass its local folder, or run a build once first")
     return shape_from_config(json.loads(config_path.read_text(encoding="utf-8")))
+
+
+def gguf_of(recipe: Recipe) -> Path:
+    """The GGUF file a `.gguf` or `ollama:` base names."""
+    from ollama_ft.base_model import OLLAMA_PREFIX, base_kind, ollama_models_dir
+
+    base = recipe.model.base
+    if base_kind(base) == "ollama":
+        from ollama_ft.gguf_import import ollama_model_gguf
+
+        return ollama_model_gguf(base[len(OLLAMA_PREFIX):], ollama_models_dir())
+    path = recipe.resolve(base)
+    if not path.is_file():
+        raise UserInputError(f"model.base = {base!r}: no such GGUF file ({path})", "point it at a .gguf file")
+    return path
+
+
+def shape_from_gguf(path: Path) -> ModelShape:
+    """The shape from a GGUF's metadata (its tensors are not read). The import saves float32."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(path))
+
+    def value(key: str, default=None):
+        field_ = reader.fields.get(key)
+        if field_ is None:
+            return default
+        part = field_.parts[field_.data[0]]
+        return bytes(part).decode("utf-8") if field_.types[0] == GGUFValueType.STRING else part[0].item()
+
+    arch = value("general.architecture")
+    try:
+        hidden, heads = int(value(f"{arch}.embedding_length")), int(value(f"{arch}.attention.head_count"))
+        return ModelShape(vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), hidden_size=hidden,
+                          intermediate_size=int(value(f"{arch}.feed_forward_length")),
+                          num_layers=int(value(f"{arch}.block_count")), num_heads=heads,
+                          num_kv_heads=int(value(f"{arch}.attention.head_count_kv", heads)),
+                          head_dim=int(value(f"{arch}.attention.key_length", hidden // heads)),
+                          tied=not any(t.name == "output.weight" for t in reader.tensors), stored_bytes=4)
+    except (TypeError, KeyError):
+        raise UserInputError(f"{path}: its metadata lacks the sizes of a Llama-style decoder ({arch})",
+                             "estimate a Llama, Qwen, Mistral or Gemma style model") from None
 
 
 def _cached_hub_config(repo_id: str) -> Path | None:

@@ -199,6 +199,36 @@ def server_version(host: str, timeout: float = 3.0) -> str | None:
         return None
 
 
+# Where a server that ollama-ft started writes its log, so a failure can be explained from it.
+def _log_marker(host: str) -> Path:
+    return cache_dir() / "servers" / (host.split("://", 1)[-1].replace(":", "-").replace("/", "_") + ".log-path")
+
+
+# Lines of a runner's death in Ollama's log: a C++ exception, a Go panic, a fatal signal, a load error.
+RUNNER_FAILURE_MARKERS = ("terminate called", "what():", "panic:", "SIGSEGV", "SIGABRT", "error loading model",
+                          "llama_model_load: error", "GGML_ASSERT", "fatal error")
+
+
+def started_server_log(host: str) -> Path | None:
+    """The log of the server at `host` if ollama-ft started it (OllamaServer) and it still runs."""
+    try:
+        path = Path(_log_marker(host).read_text(encoding="utf-8").strip())
+    except OSError:
+        return None
+    return path if path.is_file() else None
+
+
+def runner_failure(host: str) -> str | None:
+    """The last lines of the server's log that say why a runner died, if ollama-ft started that server."""
+    log_path = started_server_log(host)
+    try:
+        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-400:] if log_path else []
+    except OSError:
+        return None
+    found = [line.strip() for line in lines if any(m in line for m in RUNNER_FAILURE_MARKERS)]
+    return " / ".join(dict.fromkeys(found[-3:]))[-600:] or None
+
+
 # Behaviour that changed after the 0.11.4 floor and touches ollama-ft, by the release that brought it.
 BEHAVIOUR_SINCE = {
     "render_only": ("0.11.5", "/api/chat answers _debug_render_only with the rendered prompt"),
@@ -218,6 +248,16 @@ def server_features(version: str | None) -> dict[str, bool]:
     """Which of BEHAVIOUR_SINCE apply to a server of `version` (none when it is unknown)."""
     have = version_tuple(version) if version else (0,)
     return {name: have >= version_tuple(since) for name, (since, _) in BEHAVIOUR_SINCE.items()}
+
+
+def logged_prompts(log_path: Path) -> list[str]:
+    """Every prompt a server started with OLLAMA_DEBUG=2 sent to its runner (logged at TRACE level)."""
+    import json
+    import re
+
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    found = re.findall(r'msg="completion request" prompt=("(?:[^"\\]|\\.)*")', text)
+    return [json.loads(re.sub(r"\\x([0-9a-fA-F]{2})", r"\\u00\1", q)) for q in found]
 
 
 def client_for(host: str):
@@ -278,6 +318,8 @@ class OllamaServer:
             if self.proc.poll() is not None:
                 raise OllamaError(f"ollama serve exited with code {self.proc.returncode}", f"log: {self.log_path}")
             if server_version(self.host, timeout=1):
+                _log_marker(self.host).parent.mkdir(parents=True, exist_ok=True)
+                _log_marker(self.host).write_text(str(self.log_path.resolve()), encoding="utf-8")
                 return self
             time.sleep(0.2)
         self.stop()
@@ -296,6 +338,7 @@ class OllamaServer:
                 self.proc.wait()
         if getattr(self, "_log", None):
             self._log.close()
+        _log_marker(self.host).unlink(missing_ok=True)
 
     def __enter__(self) -> "OllamaServer":
         return self.start()

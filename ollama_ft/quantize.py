@@ -1,11 +1,15 @@
 """Stage 4, quantize: F16 GGUF → Q4_K_M (or another llama.cpp type) through llama-cpp-python.
 
 The output's type is read back from its own GGUF metadata (`general.file_type`), not assumed.
+llama.cpp prints a line or more per tensor; that goes to the stage's log file, not the terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +24,7 @@ class QuantizeInput:
     out_file: Path
     quant_type: str          # "q4_k_m", "q8_0", "f16", …
     threads: int = 0         # 0: llama.cpp picks
+    log_path: Path | None = None   # llama.cpp's output; None: the terminal
 
 
 @dataclass
@@ -52,6 +57,23 @@ def read_gguf_types(path: Path) -> tuple[int, dict[str, int]]:
     return file_type, dict(sorted(counts.items()))
 
 
+@contextlib.contextmanager
+def stderr_to(log_path: Path | None):
+    """Send what C code writes to file descriptor 2 into `log_path` for the block (None: leave it)."""
+    if log_path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(log_path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def quantize_gguf(inp: QuantizeInput) -> QuantizeOutput:
     try:
         import llama_cpp
@@ -66,10 +88,12 @@ def quantize_gguf(inp: QuantizeInput) -> QuantizeOutput:
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = want
             params.nthread = inp.threads
-            code = llama_cpp.llama_model_quantize(str(inp.f16_path).encode(), str(tmp).encode(), params)
+            with stderr_to(inp.log_path):
+                code = llama_cpp.llama_model_quantize(str(inp.f16_path).encode(), str(tmp).encode(), params)
             if code != 0 or not tmp.exists():
                 hint = ("IQ1/IQ2 types need an importance matrix; choose q4_k_m, q5_k_m, q6_k or q8_0"
-                        if inp.quant_type.startswith(("iq1", "iq2")) else "see the llama.cpp message above")
+                        if inp.quant_type.startswith(("iq1", "iq2")) else
+                        f"see llama.cpp's message in {inp.log_path or 'the output above'}")
                 raise StageError(f"llama.cpp could not quantize to {inp.quant_type} (code {code})", hint)
         file_type, tensor_types = read_gguf_types(tmp)
     if file_type != want:

