@@ -67,6 +67,24 @@ def local_chat_template(folder: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def template_setting(base_jinja: str | None) -> str:
+    """"auto" when the base's own template can ship as is, else the family it resembles (or "auto",
+    which the build then explains)."""
+    from ollama_ft.template_match import match_base_template
+
+    if base_jinja and match_base_template(base_jinja) is not None:
+        return "auto"
+    return detect_family(base_jinja) or "auto"
+
+
+def gguf_chat_template(path: Path) -> str | None:
+    """`tokenizer.chat_template` from a GGUF's metadata, or None."""
+    from gguf import GGUFReader
+
+    field_ = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    return bytes(field_.parts[field_.data[0]]).decode("utf-8") if field_ is not None else None
+
+
 def write_init_recipe(path: str | os.PathLike, *, base: str | None = None, data: str | None = None,
                       name: str | None = None) -> Path:
     """Write a commented recipe to `path` (which must not exist yet) and return its path."""
@@ -79,8 +97,11 @@ def write_init_recipe(path: str | os.PathLike, *, base: str | None = None, data:
 
     chat_template = "auto"
     base_folder = Path(os.path.expanduser(base))
-    if not tiny and (base_folder.is_dir() or base.startswith(LOCAL_PREFIXES)):
-        chat_template = detect_family(local_chat_template(base_folder)) or "auto"
+    if base.lower().endswith(".gguf") and base_folder.is_file():
+        chat_template = template_setting(gguf_chat_template(base_folder))
+        base = _relative(base_folder, folder)
+    elif not tiny and (base_folder.is_dir() or base.startswith(LOCAL_PREFIXES)):
+        chat_template = template_setting(local_chat_template(base_folder))
         base = _relative(base_folder, folder)
 
     if data is None:
@@ -125,7 +146,7 @@ def _render(*, filename: str, base: str, chat_template: str, data: str, name: st
                                                    else ("lora", "auto", "2e-4", "3", "4", "1024", "true"))
     sections = {
         "model": [
-            ("base", q(base), "hub id, local folder (\"./…\"), or tiny:llama / tiny:llama-1b"),
+            ("base", q(base), "hub id, local folder (\"./…\"), a .gguf file, ollama:NAME, or tiny:llama"),
             ("chat_template", q(chat_template), "auto reads the tokenizer's own template; or name a family:\n"
                                                 "chatml, llama3, mistral, gemma, alpaca"),
             ("max_seq_length", seq, "longer examples are cut; memory grows with it; also Ollama's num_ctx"),

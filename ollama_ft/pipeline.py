@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from ollama_ft.chat_templates import ChatFamily, render_jinja, resolve_family
+from ollama_ft.template_match import ChatTemplate, choose_template, render
 from ollama_ft.errors import OllamaFtError, UserInputError
 from ollama_ft.recipe import Recipe
 from ollama_ft.runs import RunDir, StageRecord, atomic_write_json, clean_partials, file_digest, file_stat, fingerprint, tree_size
 
-STAGES = ("train", "merge", "convert", "quantize", "modelfile", "register", "smoke", "baseline", "eval")
+STAGES = ("train", "merge", "convert", "quantize", "tokenizer", "modelfile", "register", "smoke", "baseline", "eval")
 
 
 class Reporter(Protocol):
@@ -82,22 +82,8 @@ def ollama_model_name(recipe: Recipe, options: BuildOptions) -> str:
     return name
 
 
-def base_model_path(recipe: Recipe, runs_root: Path) -> tuple[str, str]:
-    """(path or hub id to load, fingerprint of the base)."""
-    base = recipe.model.base
-    if recipe.is_tiny:
-        from ollama_ft.tiny import DEFAULT_CORPUS, base_key, ensure_tiny_base
-
-        path = ensure_tiny_base(base, runs_root / "_bases")
-        return str(path), f"{base}:{base_key(base.split(':', 1)[1], 0, DEFAULT_CORPUS)}"
-    if base.startswith((".", "/", "~")):
-        path = recipe.resolve(base)
-        return str(path), f"local:{path}:{(path / 'config.json').stat().st_mtime_ns}"
-    return base, f"hub:{base}"
-
-
-def tokenizer_template(base_path: str, trust_remote_code: bool) -> str | None:
-    """The base tokenizer's own chat template, read from its files (no transformers import)."""
+def base_tokenizer_config(base_path: str) -> dict[str, Any]:
+    """The base's tokenizer_config.json with its chat template (read from files; no transformers)."""
     folder = Path(base_path)
     if not folder.is_dir():
         try:
@@ -105,16 +91,21 @@ def tokenizer_template(base_path: str, trust_remote_code: bool) -> str | None:
 
             folder = Path(hf_hub_download(base_path, "tokenizer_config.json")).parent
         except Exception:
-            raise UserInputError(f"model.base = {base_path!r}: cannot read its tokenizer to detect the chat template",
-                                 "set model.chat_template to chatml, llama3, mistral, gemma or alpaca") from None
+            raise UserInputError(f"model.base = {base_path!r}: cannot read its tokenizer to find its chat template",
+                                 "set model.chat_template to a family such as chatml") from None
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        return template if isinstance(template, str) else None
-    return None
+        config["chat_template"] = jinja_file.read_text(encoding="utf-8")
+    if not isinstance(config.get("chat_template"), str):
+        config["chat_template"] = None
+    return config
+
+
+def special_token(config: dict[str, Any], name: str) -> str:
+    value = config.get(name)
+    return value.get("content", "") if isinstance(value, dict) else (value or "")
 
 
 def require_cuda(what: str, device: str) -> None:
@@ -229,11 +220,11 @@ class _Runner:
         atomic_write_json(self.run.path("metrics.json"), self.metrics)
 
 
-def sample_texts(examples: list[dict], family: ChatFamily, count: int = 3) -> list[str]:
+def sample_texts(examples: list[dict], template: ChatTemplate, count: int = 3) -> list[str]:
     texts = []
     for example in examples[:count]:
         if example.get("messages"):
-            texts.append(render_jinja(family, example["messages"], add_generation_prompt=False))
+            texts.append(render(template.jinja, example["messages"], add_generation_prompt=False))
         elif example.get("text"):
             texts.append(example["text"])
     return texts
@@ -284,6 +275,11 @@ def build(recipe: Recipe, options: BuildOptions | None = None) -> BuildResult:
     from ollama_ft.data import load_data
 
     data = load_data(recipe)   # every record checked before a folder is made or a model loads
+    from ollama_ft.base_model import base_problems
+
+    problems = base_problems(recipe, host)
+    if problems:
+        raise UserInputError("; ".join(problems))
     if recipe.model.load_in_4bit or options.qlora:
         require_cuda("4-bit loading (QLoRA)", options.device)
     run = RunDir(Path(options.runs_root) / recipe.stem / variant_name(options))
@@ -304,10 +300,13 @@ def build(recipe: Recipe, options: BuildOptions | None = None) -> BuildResult:
 
 def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _Runner, host: str, name: str,
                   data, launcher) -> None:
-    base_path, base_fp = base_model_path(recipe, Path(options.runs_root))
-    family = resolve_family(recipe.model.chat_template,
-                            tokenizer_template(base_path, recipe.model.trust_remote_code)
-                            if recipe.model.chat_template == "auto" else None, recipe.model.base)
+    from ollama_ft.base_model import resolve_base
+
+    base = resolve_base(recipe, Path(options.runs_root), host)
+    base_path, base_fp = base.path, base.fingerprint
+    tokenizer_config = base_tokenizer_config(base_path) if recipe.model.chat_template == "auto" else {}
+    template = choose_template(recipe.model.chat_template, tokenizer_config.get("chat_template"), recipe.model.base,
+                             special_token(tokenizer_config, "eos_token"))
     examples = [asdict(e) for e in data.train]
     for e in examples:
         e.pop("source", None)
@@ -325,7 +324,7 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
 
     # 1. train --------------------------------------------------------------------------------
     # The default launcher is left out, so runs made before launchers existed keep their key.
-    train_key = fingerprint(base_fp, data_fp, model_section, train_section, family.jinja, options.backend,
+    train_key = fingerprint(base_fp, data_fp, model_section, train_section, template.jinja, options.backend,
                             assistant_only, *([launcher.describe()] if launcher.kind != "python" else [None]))
 
     def do_train() -> dict[str, Any]:
@@ -341,7 +340,7 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
         marker.write_text(train_key)
         job = TrainJob(backend=options.backend, base_path=base_path, examples_path=str(work / "examples.jsonl"),
                        validation_path=str(work / "validation.jsonl") if validation else None,
-                       chat_jinja=family.jinja, output_dir=str(run.path("trained")), checkpoint_dir=str(checkpoints),
+                       chat_jinja=template.jinja, output_dir=str(run.path("trained")), checkpoint_dir=str(checkpoints),
                        model=model_section, train=train_section, assistant_only_loss=assistant_only,
                        log_path=str(run.path("train.log")), device=options.device)
 
@@ -362,7 +361,8 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
             out["memory_estimate"] = estimate
             out["peak_memory_vs_estimate"] = result.peak_memory_bytes / estimate["total_bytes"]
         out["data"] = data.summary()
-        out["family"] = family.name
+        out["family"] = template.family
+        out["chat_template"] = template.name
         out["trained_size_bytes"] = tree_size(Path(result.output_dir))
         shutil.rmtree(checkpoints, ignore_errors=True)  # the finished output supersedes them
         return out
@@ -370,7 +370,7 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
     trained = runner.stage("train", train_key, do_train, lambda o: Path(o["output_dir"]).exists())
 
     # 2. merge --------------------------------------------------------------------------------
-    samples = sample_texts(examples, family)
+    samples = sample_texts(examples, template)
     merge_key = fingerprint(train_key, "merge-v2")  # v2: ships the base's SentencePiece files
 
     def do_merge() -> dict[str, Any]:
@@ -382,7 +382,7 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
             runner.log(f"merge warning: {warning}")
         ensure_disk(run.root, trained["total_parameters"] * 4 if trained["kind"] == "adapter" else
                     trained["trained_size_bytes"], "merge")
-        out = merge_adapter(MergeInput(Path(base_path), Path(trained["output_dir"]), trained["kind"], family.jinja,
+        out = merge_adapter(MergeInput(Path(base_path), Path(trained["output_dir"]), trained["kind"], template.jinja,
                                        samples, run.path("merged"), recipe.model.trust_remote_code))
         return {"merged_path": str(out.merged_path), "max_abs_logit_diff": out.max_abs_logit_diff,
                 "tolerance": out.tolerance, "dtype": out.dtype, "saved_dtype": out.saved_dtype,
@@ -391,14 +391,16 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
     merged = runner.stage("merge", merge_key, do_merge, lambda o: Path(o["merged_path"]).exists())
 
     # 3. convert ------------------------------------------------------------------------------
-    convert_key = fingerprint(merge_key, recipe.export.logits_tolerance, "convert-v1")
+    convert_key = fingerprint(merge_key, recipe.export.logits_tolerance, "convert-v1",
+                              *([str(base.source_gguf)] if base.source_gguf else []))
 
     def do_convert() -> dict[str, Any]:
         from ollama_ft.convert import ConvertInput, convert_to_gguf
 
         ensure_disk(run.root, merged["size_bytes"], "convert")
         out = convert_to_gguf(ConvertInput(Path(merged["merged_path"]), run.path("model-f16.gguf"), samples,
-                                           recipe.export.logits_tolerance, run.path("convert.log")))
+                                           recipe.export.logits_tolerance, run.path("convert.log"),
+                                           base.source_gguf))
         return {"gguf_path": str(out.gguf_path), "size_bytes": out.size_bytes,
                 "max_rel_logit_diff": out.max_rel_logit_diff, "top1_agreement": out.top1_agreement}
 
@@ -412,7 +414,8 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
         from ollama_ft.quantize import QuantizeInput, quantize_gguf
 
         ensure_disk(run.root, f16["size_bytes"], "quantize")
-        out = quantize_gguf(QuantizeInput(Path(f16["gguf_path"]), run.path(f"model-{quant}.gguf"), quant))
+        out = quantize_gguf(QuantizeInput(Path(f16["gguf_path"]), run.path(f"model-{quant}.gguf"), quant,
+                                          log_path=run.path("quantize.log")))
         hashed_stat = list(file_stat(out.gguf_path))   # taken before hashing: a later change shows in it
         return {"gguf_path": str(out.gguf_path), "size_bytes": out.size_bytes, "file_type": out.file_type,
                 "quant_type": out.file_type_name, "tensor_types": out.tensor_types,
@@ -422,12 +425,25 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
     if not recipe.export.keep_f16 and quant != "f16":
         Path(f16["gguf_path"]).unlink(missing_ok=True)
 
-    # 5. modelfile ----------------------------------------------------------------------------
+    # 5. tokenizer gate -----------------------------------------------------------------------
+    tokenizer_key = fingerprint(quant_key, quantized["sha256"], data_fp, "tokenizer-v1")
+
+    def do_tokenizer_gate() -> dict[str, Any]:
+        from ollama_ft.tokenizer_gate import TokenizerGateInput, check_tokenizer
+
+        out = check_tokenizer(TokenizerGateInput(Path(quantized["gguf_path"]), Path(trained["output_dir"]),
+                                                 template.jinja, examples, [e.source for e in data.train],
+                                                 recipe.model.max_seq_length, seed=recipe.train.seed))
+        return asdict(out)
+
+    gate = runner.stage("tokenizer", tokenizer_key, do_tokenizer_gate)
+
+    # 6. modelfile ----------------------------------------------------------------------------
     from ollama_ft.modelfile import ModelfileSpec, write_modelfile
 
     parameters: dict[str, Any] = {"num_ctx": recipe.model.max_seq_length, **recipe.ollama.parameters}
     spec = ModelfileSpec(gguf_path=Path(quantized["gguf_path"]),
-                         template=recipe.ollama.template or family.go_template, stops=list(family.stop),
+                         template=recipe.ollama.template or template.go_template, stops=list(template.stop),
                          system=recipe.ollama.system if recipe.ollama.system is not None else recipe.data.system_prompt,
                          parameters=parameters)
     modelfile_key = fingerprint(quant_key, quantized["sha256"], spec.template, spec.stops, spec.system, parameters)
@@ -435,7 +451,7 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
                  lambda: {"modelfile_path": str(write_modelfile(spec, run.path("Modelfile")))},
                  lambda o: Path(o["modelfile_path"]).exists())
 
-    # 6. register -----------------------------------------------------------------------------
+    # 7. register -----------------------------------------------------------------------------
     from ollama_ft.ollama_server import client_for, ollama_call
     from ollama_ft.register import RegisterInput, model_exists, register_model
 
@@ -445,11 +461,20 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
     owned = previous is not None and previous.outputs.get("name") == name and previous.outputs.get("host") == host
 
     def do_register() -> dict[str, Any]:
+        from ollama_ft.prompt_gate import PromptGateInput, check_prompt_parity, drop_gate_model
+
+        def prompt_parity(digest: str):
+            return check_prompt_parity(PromptGateInput(host, spec, digest, template.jinja, template.eos_token))
+
         out = register_model(RegisterInput(name, host, spec, force=options.force or owned,
                                            expected_digest=quantized["sha256"],
-                                           hashed_stat=quantized.get("hashed_stat")))
+                                           hashed_stat=quantized.get("hashed_stat"), before_create=prompt_parity))
+        drop_gate_model(host, out.gate.model)
+        if out.gate.method == "unverified":
+            options.reporter.stage("register", "warn", f"prompt parity not checked: {out.gate.note}")
+            runner.log(f"register warning: prompt parity not checked: {out.gate.note}")
         return {"name": out.name, "host": out.host, "blob_digest": out.blob_digest, "replaced": out.replaced,
-                "blob_transfer": out.blob_transfer,
+                "blob_transfer": out.blob_transfer, "prompt_parity": asdict(out.gate),
                 "command": f"ollama run {name}"}
 
     def still_registered(outputs: dict) -> bool:
@@ -458,7 +483,7 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
 
     runner.stage("register", register_key, do_register, still_registered)
 
-    # 7. smoke --------------------------------------------------------------------------------
+    # 8. smoke --------------------------------------------------------------------------------
     from ollama_ft.smoke import SmokeInput, smoke_test
 
     first = next((e for e in examples if e.get("messages")), None)
@@ -467,22 +492,26 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
     if prompt[-1]["role"] != "user":
         prompt.append({"role": "user", "content": "Merhaba!"})
     smoke_key = fingerprint(register_key, prompt)
-    runner.stage("smoke", smoke_key, lambda: asdict(smoke_test(SmokeInput(name, host, prompt))))
+    # What the build's own checks said, for the message if Ollama's runner dies anyway.
+    evidence = (f"merge logits within {merged['max_abs_logit_diff']:.3g}, GGUF logits within "
+                f"{f16['max_rel_logit_diff']:.3g} of their range, tokenizer ids equal on "
+                f"{gate['checked']}/{gate['total']} examples")
+    runner.stage("smoke", smoke_key, lambda: asdict(smoke_test(SmokeInput(name, host, prompt, evidence=evidence))))
 
-    # 8. baseline: the untrained base, exported and registered the same way (eval.baseline) ---
+    # 9. baseline: the untrained base, exported and registered the same way (eval.baseline) ---
     baseline_name = None
     if recipe.eval.suite and recipe.eval.baseline and not options.skip_eval:
         baseline_name = name.split(":", 1)[0] + ":base"
-        baseline_key = fingerprint(base_fp, family.jinja, spec.template, spec.stops, spec.system, parameters,
+        baseline_key = fingerprint(base_fp, template.jinja, spec.template, spec.stops, spec.system, parameters,
                                    quant, baseline_name, host)
 
         def do_baseline() -> dict[str, Any]:
             return export_baseline(Path(base_path), run.path("baseline"), samples, recipe, spec, quant,
-                                   baseline_name, host)
+                                   baseline_name, host, base.source_gguf)
 
         runner.stage("baseline", baseline_key, do_baseline, still_registered_as(host, baseline_name))
 
-    # 9. eval ---------------------------------------------------------------------------------
+    # 10. eval ---------------------------------------------------------------------------------
     if recipe.eval.suite and not options.skip_eval:
         suite_path = recipe.resolve(recipe.eval.suite)
         eval_key = fingerprint(smoke_key, file_digest(suite_path), recipe.eval.concurrency, baseline_name)
@@ -522,7 +551,7 @@ def still_registered_as(host: str, name: str) -> Callable[[dict], bool]:
 
 
 def export_baseline(base_path: Path, folder: Path, samples: list[str], recipe: Recipe, spec, quant: str,
-                    name: str, host: str) -> dict[str, Any]:
+                    name: str, host: str, source_gguf: Path | None = None) -> dict[str, Any]:
     """The untrained base through the same convert → quantize → register path as the fine-tune."""
     from dataclasses import replace as dc_replace
 
@@ -532,8 +561,9 @@ def export_baseline(base_path: Path, folder: Path, samples: list[str], recipe: R
 
     folder.mkdir(parents=True, exist_ok=True)
     f16 = convert_to_gguf(ConvertInput(base_path, folder / "model-f16.gguf", samples,
-                                       recipe.export.logits_tolerance, folder / "convert.log"))
-    q = quantize_gguf(QuantizeInput(f16.gguf_path, folder / f"model-{quant}.gguf", quant))
+                                       recipe.export.logits_tolerance, folder / "convert.log", source_gguf))
+    q = quantize_gguf(QuantizeInput(f16.gguf_path, folder / f"model-{quant}.gguf", quant,
+                                    log_path=folder / "quantize.log"))
     # The baseline tag belongs to this recipe's builds, so replacing it needs no --force.
     register_model(RegisterInput(name, host, dc_replace(spec, gguf_path=q.gguf_path), force=True))
     return {"model": name, "gguf_path": str(q.gguf_path), "size_bytes": q.size_bytes}

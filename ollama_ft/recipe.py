@@ -29,7 +29,7 @@ QUANT_TYPES = (
     "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m", "iq1_s", "iq1_m",
     "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
 )
-CHAT_TEMPLATES = ("auto", "chatml", "llama3", "mistral", "gemma", "alpaca")
+CHAT_TEMPLATES = ("auto", "chatml", "llama3", "llama31", "mistral", "gemma", "phi3", "alpaca")
 ADAPTER_METHODS = ("lora", "qlora", "dora")
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 TRAIN_METHODS = (*ADAPTER_METHODS, "full", *PROMPT_METHODS)
@@ -47,11 +47,15 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    base: str = Field(description="Hub id (`Qwen/Qwen2.5-0.5B-Instruct`), a local folder, or a built-in "
-                      "tiny base: `tiny:llama` (a few million parameters, CPU-friendly) or `tiny:llama-1b` "
-                      "(Llama-3.2-1B's shape, random weights; for GPU benchmarks).")
-    chat_template: Literal[CHAT_TEMPLATES] = Field("auto", description="`auto` reads the tokenizer's own "
-                      "template and matches it to a family; or name one: chatml, llama3, mistral, gemma, alpaca.")
+    base: str = Field(description="Hub id (`Qwen/Qwen2.5-0.5B-Instruct`), a local folder, a local GGUF "
+                      "file (`./SmolLM2-135M-Instruct.Q4_1.gguf`), a model of the local Ollama server "
+                      "(`ollama:qwen2.5:0.5b`), or a built-in tiny base: `tiny:llama` (a few million "
+                      "parameters, CPU-friendly) or `tiny:llama-1b` (Llama-3.2-1B's shape, random weights; "
+                      "for GPU benchmarks). GGUF and Ollama bases are imported once as a Hugging Face folder.")
+    chat_template: Literal[CHAT_TEMPLATES] = Field("auto", description="`auto` trains with the base's own "
+                      "chat template (default system prompt included) and ships a Go TEMPLATE proven to render "
+                      "the same; a base without one needs a family: chatml, llama3, llama31, mistral, gemma, "
+                      "phi3, alpaca (the family's template then replaces the base's).")
     max_seq_length: int = Field(1024, ge=16, le=262144, description="Longest training example in tokens; "
                       "also the Ollama `num_ctx` unless [ollama.parameters] sets it.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights' dtype "
@@ -272,6 +276,15 @@ def check_recipe_files(recipe: Recipe) -> list[str]:
         if base[len(TINY_PREFIX):] not in TINY_SHAPES:
             problems.append(f"model.base = {base!r}: unknown tiny base; choose one of "
                             + ", ".join(TINY_PREFIX + s for s in TINY_SHAPES))
+    elif base.lower().endswith(".gguf"):
+        path = recipe.resolve(base)
+        if not path.is_file():
+            problems.append(f"model.base = {base!r}: no such GGUF file ({path}); paths are relative to the "
+                            "recipe's folder")
+        else:
+            with open(path, "rb") as fh:
+                if fh.read(4) != b"GGUF":
+                    problems.append(f"model.base = {base!r}: {path} is not a GGUF file (no GGUF header)")
     elif base.startswith((".", "/", "~")) and not recipe.resolve(base).is_dir():
         problems.append(f"model.base = {base!r}: no such folder ({recipe.resolve(base)})")
     return problems

@@ -29,6 +29,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
 from ollama_ft.errors import OllamaError
@@ -45,6 +46,9 @@ class RegisterInput:
     force: bool = False
     expected_digest: str | None = None   # sha256 of the GGUF, known from the quantize stage
     hashed_stat: tuple[int, int] | None = None   # (size, mtime_ns) of the GGUF when it was hashed
+    # Called with the blob's digest once the server has it, before the name is created (the
+    # prompt-parity gate); what it returns lands in RegisterOutput.gate.
+    before_create: Callable[[str], object] | None = None
 
 
 @dataclass
@@ -54,6 +58,7 @@ class RegisterOutput:
     blob_digest: str
     replaced: bool
     blob_transfer: str   # "present" (the server had it), "copied" (local blob store) or "uploaded"
+    gate: object = None
 
 
 def model_exists(client, name: str) -> bool:
@@ -165,13 +170,20 @@ def register_model(inp: RegisterInput) -> RegisterOutput:
     else:
         digest, unchanged = "sha256:" + file_digest(gguf), True
     transfer = ollama_call(inp.host, lambda: push_blob(inp.host, gguf, digest, copy_locally=unchanged))
+    gate = inp.before_create(digest) if inp.before_create else None
+    create_model(inp.host, inp.name, inp.spec, digest)
+    return RegisterOutput(inp.name, inp.host, digest, replaced=exists, blob_transfer=transfer, gate=gate)
+
+
+def create_model(host: str, name: str, spec: ModelfileSpec, digest: str) -> None:
+    """Create (or replace) `name` from the blob `digest` with the Modelfile's template, system and parameters."""
     params: dict[str, object] = {}
-    for key, value in parameter_lines(inp.spec):
+    for key, value in parameter_lines(spec):
         if key == "stop":
             params.setdefault("stop", []).append(value)  # type: ignore[union-attr]
         else:
             params[key] = value
-    ollama_call(inp.host, lambda: client.create(
-        model=inp.name, files={gguf.name: digest}, template=inp.spec.template,
-        system=inp.spec.system or None, parameters=params, stream=False))
-    return RegisterOutput(inp.name, inp.host, digest, replaced=exists, blob_transfer=transfer)
+    client = client_for(host)
+    ollama_call(host, lambda: client.create(
+        model=name, files={Path(spec.gguf_path).name: digest}, template=spec.template,
+        system=spec.system or None, parameters=params, stream=False))

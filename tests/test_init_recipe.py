@@ -61,7 +61,7 @@ def test_invalid_explicit_name_is_refused_with_a_suggestion(tmp_path: Path) -> N
     assert load_recipe(named).ollama.name == "me/tr-assistant:v1"
 
 
-def test_local_base_detects_llama3_and_paths_are_relative(tmp_path: Path) -> None:
+def test_local_base_keeps_its_own_llama3_template_and_paths_are_relative(tmp_path: Path) -> None:
     base = tmp_path / "models" / "llama-3-8b"
     base.mkdir(parents=True)
     (base / "config.json").write_text("{}", encoding="utf-8")
@@ -75,7 +75,7 @@ def test_local_base_detects_llama3_and_paths_are_relative(tmp_path: Path) -> Non
     assert raw["model"]["base"] == "../models/llama-3-8b"
     assert raw["data"]["train"] == "../data/chats.jsonl"
     recipe = load_recipe(path)
-    assert recipe.model.chat_template == "llama3"
+    assert recipe.model.chat_template == "auto"   # a Go template renders it exactly: it ships as it is
     assert recipe.train.method == "lora" and recipe.model.dtype == "auto"
     assert recipe.resolve(recipe.model.base).resolve() == base.resolve()
 
@@ -84,6 +84,7 @@ def test_chat_template_jinja_file_and_unknown_template(tmp_path: Path) -> None:
     base = tmp_path / "gemma"
     base.mkdir()
     (base / "chat_template.jinja").write_text("{{ '<start_of_turn>user' }}", encoding="utf-8")
+    # A template no Go template reproduces: the family it resembles, which then replaces it.
     assert load_recipe(write_init_recipe(tmp_path / "g.toml", base=str(base))).model.chat_template == "gemma"
     other = tmp_path / "other"
     other.mkdir()

@@ -103,7 +103,7 @@ def test_two_processes_train_the_same_adapter_as_one(one_and_two):
 def test_export_stages_run_once_and_the_model_is_in_ollama(one_and_two, ollama_server):
     _, two = one_and_two
     run_dir = Path(two["run_dir"])
-    assert two["ran"][:7] == ["train", "merge", "convert", "quantize", "modelfile", "register", "smoke"]
+    assert two["ran"][:8] == ["train", "merge", "convert", "quantize", "tokenizer", "modelfile", "register", "smoke"]
     ggufs = sorted(p.name for p in run_dir.rglob("*.gguf"))
     assert len([g for g in ggufs if "q4_k_m" in g.lower()]) == 1, ggufs
     log = (run_dir / "build.log").read_text(encoding="utf-8")

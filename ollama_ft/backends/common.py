@@ -29,8 +29,10 @@ def read_examples(path: str) -> list[dict]:
 
 
 def _render(tokenizer, jinja: str, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    # One renderer for training, the tokenizer gate and the template match (BOS left to the tokenizer).
+    from ollama_ft.template_match import render
+
+    return render(jinja, messages, add_generation_prompt=generation_prompt, eos_token=tokenizer.eos_token or "")
 
 
 def tokenize_example(example: dict, tokenizer, jinja: str, assistant_only: bool) -> dict[str, list[int]]:
@@ -47,11 +49,19 @@ def tokenize_example(example: dict, tokenizer, jinja: str, assistant_only: bool)
     ids: list[int] = []
     mask: list[int] = []
     done = ""
+    eos = tokenizer.eos_token or ""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    whole = ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prompt = _render(tokenizer, jinja, messages[:i], True)
         full = _render(tokenizer, jinja, messages[: i + 1], False)
+        if i != last and eos and full.endswith(eos):
+            # A template (Phi-3) may end only the whole conversation with EOS, not each answer.
+            whole = whole or _render(tokenizer, jinja, messages, False)
+            if not whole.startswith(full) and whole.startswith(full[:-len(eos)]):
+                full = full[:-len(eos)]
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise ValueError("chat template is not prefix-stable; cannot mask assistant turns")
         head = tokenizer(prompt[len(done):], add_special_tokens=False).input_ids
