@@ -455,7 +455,7 @@ _BLOCK_BY_ARCH = {
 
 
 def hf_tensor_name(gguf_name: str, arch: str) -> str:
-    """The Hugging Face parameter name of a GGUF tensor (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`)."""
+    """The Hugging Face name of a GGUF tensor: `blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`."""
     stem, _, kind = gguf_name.rpartition(".")
     parts = stem.split(".")
     if len(parts) == 1 and parts[0] in _TOP_LEVEL:
@@ -483,7 +483,8 @@ def _dequantize(tensor):
             out[start:start + DEQUANT_ROWS] = dequantize(data[start:start + DEQUANT_ROWS], qtype)
     except NotImplementedError:
         raise UserInputError(f"GGUF tensor {tensor.name} is stored as {qtype.name}, which llama.cpp's Python "
-                             "reader cannot dequantize", "use a GGUF in F16, Q8_0, Q4_K_M or another common type") from None
+                             "package cannot dequantize",
+                             "use a GGUF in F16, Q8_0, Q4_K_M or another common type") from None
     return out
 
 

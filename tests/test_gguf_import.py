@@ -235,7 +235,8 @@ def _with_metadata(source: Path, dest: Path, changes: dict[str, bool]) -> Path:
     for key, value in changes.items():
         writer.add_bool(key, value)
     for tensor in reader.tensors:
-        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
+                               tensor.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -335,8 +336,8 @@ def test_read_gguf_reads_what_gguf_s_own_reader_reads(tmp_path):
     writer.add_array("tokenizer.ggml.scores", [0.5, -1.0, 3.25])
     writer.add_array("test.bools", [True, False])
     rng = np.random.default_rng(0)
-    writer.add_tensor("q8.weight", quantize(rng.standard_normal((4, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0),
-                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    writer.add_tensor("q8.weight", quantize(rng.standard_normal((4, 64)).astype(np.float32), q8), raw_dtype=q8)
     writer.add_tensor("f16.weight", rng.standard_normal((3, 5)).astype(np.float16))
     writer.add_tensor("f32.weight", rng.standard_normal(7).astype(np.float32))
     writer.add_tensor("i32.weight", np.arange(6, dtype=np.int32).reshape(2, 3))
