@@ -156,26 +156,18 @@ def gguf_of(recipe: Recipe) -> Path:
 
 def shape_from_gguf(path: Path) -> ModelShape:
     """The shape from a GGUF's metadata (its tensors are not read). The import saves float32."""
-    from gguf import GGUFReader, GGUFValueType
+    from ollama_ft.gguf_import import read_gguf
 
-    reader = GGUFReader(str(path))
-
-    def value(key: str, default=None):
-        field_ = reader.fields.get(key)
-        if field_ is None:
-            return default
-        part = field_.parts[field_.data[0]]
-        return bytes(part).decode("utf-8") if field_.types[0] == GGUFValueType.STRING else part[0].item()
-
-    arch = value("general.architecture")
+    gguf = read_gguf(path)
+    arch = gguf.value("general.architecture")
     try:
-        hidden, heads = int(value(f"{arch}.embedding_length")), int(value(f"{arch}.attention.head_count"))
-        return ModelShape(vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), hidden_size=hidden,
-                          intermediate_size=int(value(f"{arch}.feed_forward_length")),
-                          num_layers=int(value(f"{arch}.block_count")), num_heads=heads,
-                          num_kv_heads=int(value(f"{arch}.attention.head_count_kv", heads)),
-                          head_dim=int(value(f"{arch}.attention.key_length", hidden // heads)),
-                          tied=not any(t.name == "output.weight" for t in reader.tensors), stored_bytes=4)
+        hidden, heads = int(gguf.value(f"{arch}.embedding_length")), int(gguf.value(f"{arch}.attention.head_count"))
+        return ModelShape(vocab_size=len(gguf.value("tokenizer.ggml.tokens")), hidden_size=hidden,
+                          intermediate_size=int(gguf.value(f"{arch}.feed_forward_length")),
+                          num_layers=int(gguf.value(f"{arch}.block_count")), num_heads=heads,
+                          num_kv_heads=int(gguf.value(f"{arch}.attention.head_count_kv", heads)),
+                          head_dim=int(gguf.value(f"{arch}.attention.key_length", hidden // heads)),
+                          tied=not any(t.name == "output.weight" for t in gguf.tensors), stored_bytes=4)
     except (TypeError, KeyError):
         raise UserInputError(f"{path}: its metadata lacks the sizes of a Llama-style decoder ({arch})",
                              "estimate a Llama, Qwen, Mistral or Gemma style model") from None

@@ -79,10 +79,9 @@ def template_setting(base_jinja: str | None) -> str:
 
 def gguf_chat_template(path: Path) -> str | None:
     """`tokenizer.chat_template` from a GGUF's metadata, or None."""
-    from gguf import GGUFReader
+    from ollama_ft.gguf_import import read_gguf
 
-    field_ = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
-    return bytes(field_.parts[field_.data[0]]).decode("utf-8") if field_ is not None else None
+    return read_gguf(path).value("tokenizer.chat_template")
 
 
 def write_init_recipe(path: str | os.PathLike, *, base: str | None = None, data: str | None = None,

@@ -15,11 +15,31 @@ from pathlib import Path
 from ollama_ft.runs import atomic_write_text
 
 # Ollama's runner options that a Modelfile PARAMETER may set (api/types.go, v0.11).
-OLLAMA_PARAMETERS = {
-    "num_ctx", "num_batch", "num_gpu", "num_thread", "num_keep", "num_predict", "seed", "temperature",
-    "top_k", "top_p", "min_p", "typical_p", "repeat_last_n", "repeat_penalty", "presence_penalty",
-    "frequency_penalty", "penalize_newline", "stop", "use_mmap", "mirostat", "mirostat_tau", "mirostat_eta",
+# Each with the value type Ollama parses it as; a wrong type is refused when Ollama creates the model.
+OLLAMA_PARAMETER_TYPES: dict[str, type] = {
+    **dict.fromkeys(("num_ctx", "num_batch", "num_gpu", "num_thread", "num_keep", "num_predict", "seed", "top_k",
+                     "repeat_last_n", "mirostat"), int),
+    **dict.fromkeys(("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                     "frequency_penalty", "mirostat_tau", "mirostat_eta"), float),
+    **dict.fromkeys(("penalize_newline", "use_mmap"), bool),
+    "stop": list,
 }
+OLLAMA_PARAMETERS = set(OLLAMA_PARAMETER_TYPES)
+
+
+def parameter_type_problem(name: str, value: object) -> str | None:
+    """Why `value` is not of the type Ollama expects for PARAMETER `name`, or None."""
+    want = OLLAMA_PARAMETER_TYPES.get(name)
+    if want is None:
+        return None
+    if want is list:
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        return None if ok else "must be a string or a list of strings"
+    if want is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if want is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be a whole number"
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "must be a number"
 
 
 def modelfile_text_problem(value: str) -> str | None:

@@ -260,29 +260,15 @@ def training_launcher(options: BuildOptions):
 def build(recipe: Recipe, options: BuildOptions | None = None) -> BuildResult:
     """Run every stage for one backend; return what was done and the measured metrics."""
     options = options or BuildOptions()
-    from ollama_ft.backends import check_backend_available
-
-    check_backend_available(options.backend)
-    launcher = training_launcher(options)
-    if recipe.train.report_to == "tensorboard":
-        require_tensorboard()
-    if options.from_stage and options.from_stage not in STAGES:
-        raise UserInputError(f"--from {options.from_stage!r} is not a stage", f"choose one of: {', '.join(STAGES)}")
     from ollama_ft.ollama_server import normalise_host
+    from ollama_ft.preflight import preflight
 
     host = normalise_host(options.host or recipe.ollama.host)
     name = ollama_model_name(recipe, options)
-    from ollama_ft.data import load_data
-
-    data = load_data(recipe)   # every record checked before a folder is made or a model loads
-    from ollama_ft.base_model import base_problems
-
-    problems = base_problems(recipe, host)
-    if problems:
-        raise UserInputError("; ".join(problems))
-    if recipe.model.load_in_4bit or options.qlora:
-        require_cuda("4-bit loading (QLoRA)", options.device)
-    run = RunDir(Path(options.runs_root) / recipe.stem / variant_name(options))
+    run_root = Path(options.runs_root) / recipe.stem / variant_name(options)
+    ready = preflight(recipe, options, host, name, run_root)   # before any folder is made or model loads
+    data, launcher = ready.data, ready.launcher
+    run = RunDir(run_root)
     with run.lock():
         clean_partials(run.root)
         if options.force:

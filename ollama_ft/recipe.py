@@ -179,7 +179,7 @@ class Recipe(_Section):
         if self.train.method in PROMPT_METHODS:
             problems.append(f"train.method = {self.train.method!r}: soft prompts have no GGUF form, so the model "
                             "cannot be exported to Ollama; use lora, qlora, dora or full")
-        from ollama_ft.modelfile import OLLAMA_PARAMETERS, modelfile_text_problem
+        from ollama_ft.modelfile import OLLAMA_PARAMETERS, modelfile_text_problem, parameter_type_problem
 
         texts = [("ollama.system", self.ollama.system), ("ollama.template", self.ollama.template),
                  ("data.system_prompt", self.data.system_prompt)]
@@ -199,6 +199,8 @@ class Recipe(_Section):
                 continue
             if isinstance(value, list):
                 problems.append(f"ollama.parameters.{key}: only 'stop' takes a list")
+            elif parameter_type_problem(key, value):
+                problems.append(f"ollama.parameters.{key} = {value!r}: {parameter_type_problem(key, value)}")
         if problems:
             raise ValueError(" | ".join(problems))
         return self
