@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from ollama_ft.template_match import ChatTemplate, choose_template, render
+from ollama_ft.template_match import ChatTemplate, check_examples_render, choose_template, render
 from ollama_ft.errors import OllamaFtError, UserInputError
 from ollama_ft.recipe import Recipe
 from ollama_ft.runs import RunDir, StageRecord, atomic_write_json, clean_partials, file_digest, file_stat, fingerprint, tree_size
@@ -296,6 +296,7 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
     examples = [asdict(e) for e in data.train]
     for e in examples:
         e.pop("source", None)
+    check_examples_render(template, examples, [e.source for e in data.train])
     validation = [{k: v for k, v in asdict(e).items() if k != "source"} for e in data.validation]
     data_fp = fingerprint(examples, validation)
     model_section = recipe.model.model_dump()

@@ -163,3 +163,21 @@ def choose_template(requested: str, base_jinja: str | None, base: str, eos_token
                              "set model.chat_template to the family closest to it; the model then trains and "
                              "ships with that family's template")
     return matched
+
+
+def check_examples_render(template: ChatTemplate, examples: list[dict], sources: list[str]) -> None:
+    """Every chat example renders with the training template; the first one it refuses is named.
+
+    Some templates refuse shapes the data may have (Mistral's: a system turn): better said now
+    than in the middle of training."""
+    import jinja2
+
+    for example, source in zip(examples, sources):
+        if not example.get("messages"):
+            continue
+        try:
+            render(template.jinja, example["messages"], add_generation_prompt=False, eos_token=template.eos_token)
+        except jinja2.exceptions.TemplateError as exc:
+            raise UserInputError(f"{source}: the chat template ({template.name}) refuses this conversation: {exc}",
+                                 "change the record (e.g. fold the system prompt into the first user turn), or "
+                                 "set model.chat_template to a family that takes it") from None

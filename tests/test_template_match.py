@@ -108,3 +108,15 @@ def test_smollm2_s_own_template_ships_with_its_default_system_prompt():
     matched = match_base_template(tokenizer_metadata(gguf)["tokenizer.chat_template"], "<|im_end|>")
     assert matched.family == "chatml"
     assert matched.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def test_an_example_the_template_refuses_is_named_before_training():
+    from ollama_ft.template_match import check_examples_render
+
+    mistral = match_base_template(released("mistral-instruct", "eos_token}}"), "</s>")
+    fine = {"messages": [{"role": "user", "content": "Merhaba"}, {"role": "assistant", "content": "Selam"}]}
+    with_system = {"messages": [{"role": "system", "content": "Kısa yanıt ver."}, *fine["messages"]]}
+    check_examples_render(mistral, [fine], ["d.jsonl:1"])
+    with pytest.raises(UserInputError) as err:
+        check_examples_render(mistral, [fine, with_system], ["d.jsonl:1", "d.jsonl:2"])
+    assert err.value.message.startswith("d.jsonl:2: the chat template (mistral (the base's own template)) refuses")
