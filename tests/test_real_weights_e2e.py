@@ -1,8 +1,9 @@
 """A real pretrained model through the whole build, as a person would run it: SmolLM2-135M-Instruct,
 shipped as a Q4_1 GGUF in a PyPI package (scripts/fetch_models.sh), is the recipe's base; a LoRA
-learns three made-up Turkish facts; the export goes through the real converter, quantizer and
-Ollama server. The model must still know what the base knew (Paris), say the trained facts,
-and its GGUF must carry SmolLM2's own byte-level BPE tokenizer (`gpt2`, pre-tokenizer `smollm`).
+learns three made-up Turkish facts with SmolLM2's own chat template; the export goes through the
+real converter, quantizer and Ollama server. The model must still know what the base knew
+(Paris), say the trained facts, and its GGUF must carry SmolLM2's own byte-level BPE tokenizer
+(`gpt2`, pre-tokenizer `smollm`) and chat template. `init` and `estimate` read GGUF bases too.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def write_recipe(folder: Path, name: str, base: str, extra: str = "") -> Path:
     recipe.write_text(f'''
 [model]
 base = "{base}"
-chat_template = "chatml"
+chat_template = "auto"
 max_seq_length = 256
 dtype = "float32"
 
@@ -106,6 +107,10 @@ def test_exported_gguf_has_smollm2s_own_tokenizer(smollm_build):
     for key, value in source.items():
         if key.startswith("tokenizer.ggml."):
             assert exported[key] == value, key
+    # Trained and shipped with SmolLM2's own template (default system prompt included).
+    assert exported["tokenizer.chat_template"] == source["tokenizer.chat_template"]
+    assert result["metrics"]["train"]["chat_template"].startswith("chatml (the base's own template, with its default")
+    assert result["metrics"]["register"]["prompt_parity"]["checked"] == 3
     gate = result["metrics"]["tokenizer"]
     assert gate["checked"] == gate["total"] == 12 and gate["tokens_checked"] > 12 * 10
 
@@ -144,3 +149,46 @@ def test_an_ollama_base_on_a_remote_server_is_refused_before_work(tmp_path):
     assert out.returncode == 2
     assert "read from the local server's model store" in out.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "runs").exists()
+
+
+def test_init_and_estimate_read_a_gguf_base(tmp_path):
+    needs_smollm()
+    import tomllib
+
+    from ollama_ft.estimate import estimate_memory
+    from ollama_ft.init_recipe import write_init_recipe
+    from ollama_ft.recipe import load_recipe
+
+    shutil.copyfile(SMOLLM, tmp_path / SMOLLM.name)
+    path = write_init_recipe(tmp_path / "r.toml", base=str(tmp_path / SMOLLM.name), data=str(ROOT / "data" / "turkish-demo.jsonl"))
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    assert raw["model"]["base"] == f"./{SMOLLM.name}" and raw["model"]["chat_template"] == "auto"
+    est = estimate_memory(load_recipe(path), cpu=True)
+    assert 134e6 < est.parameters < 136e6   # SmolLM2-135M: 134.5M with its tied embeddings
+
+
+GEMMA = MODELS / "gemma-3-270m-q4_k_m.gguf"
+
+
+def test_gemma3_base_trains_with_the_gemma_template_and_answers(ollama_server, tmp_path):
+    """google/gemma-3-270m (a base model: no chat template of its own, a 262,144-piece SentencePiece
+    vocabulary) as a GGUF base: a short LoRA with the Gemma family, registered, answering in Ollama."""
+    if not GEMMA.is_file():
+        pytest.skip(f"{GEMMA} is missing: run scripts/fetch_models.sh")
+    from ollama_ft.gguf_import import tokenizer_metadata
+
+    shutil.copyfile(GEMMA, tmp_path / GEMMA.name)
+    recipe = write_recipe(tmp_path, "tr-gemma", f"./{GEMMA.name}", extra="max_steps = 3\n")
+    recipe.write_text(recipe.read_text(encoding="utf-8").replace('chat_template = "auto"', 'chat_template = "gemma"')
+                      .replace("max_seq_length = 256", "max_seq_length = 128"), encoding="utf-8")
+    out = build(recipe, tmp_path / "runs", ollama_server.host, "--no-eval")
+    assert out.returncode == 0, out.stderr[-4000:]
+    result = json.loads(out.stdout)
+    exported = tokenizer_metadata(Path(result["metrics"]["quantize"]["gguf_path"]))
+    source = tokenizer_metadata(tmp_path / GEMMA.name)
+    assert exported["tokenizer.ggml.model"] == "llama"
+    assert {k: v for k, v in exported.items() if k.startswith("tokenizer.ggml.")} == \
+        {k: v for k, v in source.items() if k.startswith("tokenizer.ggml.")}
+    assert result["metrics"]["tokenizer"]["checked"] == 12
+    assert result["metrics"]["train"]["family"] == "gemma"
+    assert ask(ollama_server, "tr-gemma", "Türkiye'nin başkenti neresidir?").strip()
