@@ -69,11 +69,22 @@ def tokenize_example(example: dict, tokenizer, jinja: str, assistant_only: bool)
         ids += head + answer
         mask += [0] * len(head) + [1] * len(answer)
         done = full
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+    if adds_bos(tokenizer):
         ids, mask = [tokenizer.bos_token_id] + ids, [0] + mask
     if not assistant_only:
         mask = [1] * len(ids)
     return {"input_ids": ids, "assistant_masks": mask}
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS first, as the GGUF's add_bos_token makes Ollama do.
+
+    Asked of the tokenizer itself: transformers 5 keeps this in the fast tokenizer's post-processor,
+    and an `add_bos_token` attribute is not always there to read."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True).input_ids
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def build_dataset(path: str, tokenizer, jinja: str, assistant_only: bool, max_length: int):
