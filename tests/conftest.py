@@ -1,8 +1,11 @@
-"""Shared fixtures: a real Ollama server on a free loopback port, the tiny base, and one full
+"""Shared fixtures: real Ollama servers on free loopback ports, the tiny base, and one full
 build of the demo recipe that several end-to-end tests inspect.
 
-End-to-end tests never mock Ollama's HTTP API: they talk to `ollama serve` built from the pinned
-Go module (see ollama_ft/ollama_server.py), with its models in a temporary folder.
+End-to-end tests never mock Ollama's HTTP API: they talk to `ollama serve` built from Ollama's Go
+module (see ollama_ft/ollama_server.py), with its models in a temporary folder. `ollama_server` is
+the 0.11.4 floor; in modules marked `every_ollama` each test that uses it runs once per tested
+release (ids `ollama-0.11.4`, `ollama-0.24.0`). The demo is trained and exported once, on the
+floor; `demo_build` on another server is that same GGUF registered and evaluated there.
 """
 
 from __future__ import annotations
@@ -34,17 +37,34 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def ollama_binary() -> Path:
-    from ollama_ft.ollama_server import find_ollama_binary, install_ollama
+def pytest_configure(config):
+    config.addinivalue_line("markers", "every_ollama: run each test that uses ollama_server once per tested "
+                            "Ollama release (ollama_ft.ollama_server.TESTED_OLLAMA_VERSIONS)")
 
-    # .ci/run installs it first; building here is the fallback for a direct `pytest` run.
-    return find_ollama_binary() or install_ollama(lambda line: print(line, file=sys.stderr))
+
+def pytest_generate_tests(metafunc):
+    """In modules marked every_ollama, a test that uses the server (itself or through demo_build)
+    runs against the 0.11.4 floor and against the current release: ids ollama-0.11.4, ollama-0.24.0."""
+    if "ollama_server" in metafunc.fixturenames and metafunc.definition.get_closest_marker("every_ollama"):
+        from ollama_ft.ollama_server import TESTED_OLLAMA_VERSIONS
+
+        metafunc.parametrize("ollama_server", TESTED_OLLAMA_VERSIONS, indirect=True, scope="session",
+                             ids=[f"ollama-{v}" for v in TESTED_OLLAMA_VERSIONS])
+
+
+def ollama_binary_for(version: str) -> Path:
+    from ollama_ft.ollama_server import OLLAMA_VERSION, find_ollama_binary, install_ollama
+
+    # .ci/run installs both first; building here is the fallback for a direct `pytest` run.
+    # The floor may be an `ollama` on PATH, as for a user; the current release is always the cached build.
+    found = find_ollama_binary() if version == OLLAMA_VERSION else find_ollama_binary(version)
+    return found or install_ollama(lambda line: print(line, file=sys.stderr), version=version)
 
 
 class ServerHandle:
-    def __init__(self, server):
+    def __init__(self, server, version: str):
         self.server = server
+        self.version = version
         self.host = server.host
         self.log_path = server.log_path
         self.binary = server.binary
@@ -91,25 +111,62 @@ class ServerHandle:
             os.close(secondary)
 
 
-@pytest.fixture(scope="session")
-def ollama_server(ollama_binary, tmp_path_factory):
-    from ollama_ft.ollama_server import OllamaServer
+class OllamaServers:
+    """One private `ollama serve` per tested release, each with its own models folder, started
+    when a test first needs it and stopped at the end of the session."""
 
-    folder = tmp_path_factory.mktemp("ollama")
-    server = OllamaServer(folder / "models", binary=ollama_binary, log_path=folder / "serve.log", debug_level=2)
-    server.start()
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.started: dict[str, ServerHandle] = {}
+
+    def get(self, version: str) -> ServerHandle:
+        from ollama_ft.ollama_server import OllamaServer
+
+        if version not in self.started:
+            folder = self.folder / f"ollama-{version}"
+            server = OllamaServer(folder / "models", binary=ollama_binary_for(version),
+                                  log_path=folder / "serve.log", debug_level=2)
+            self.started[version] = ServerHandle(server.start(), version)
+        return self.started[version]
+
+    def stop(self) -> None:
+        for handle in self.started.values():
+            handle.server.stop()
+
+
+@pytest.fixture(scope="session")
+def ollama_servers(tmp_path_factory):
+    from ollama_ft.ollama_server import OLLAMA_VERSION
+
+    servers = OllamaServers(tmp_path_factory.mktemp("ollama"))
+    floor = servers.get(OLLAMA_VERSION)
     # As for a user whose shell sets the server's OLLAMA_MODELS: builds copy blobs into its store
     # (ollama_ft/register.py) instead of uploading them, in this process and in the CLI's.
+    # Tests on another server point it at that server's store (_models_of_the_tests_server).
     previous = os.environ.get("OLLAMA_MODELS")
-    os.environ["OLLAMA_MODELS"] = str(server.models_dir)
+    os.environ["OLLAMA_MODELS"] = str(floor.models_dir)
     try:
-        yield ServerHandle(server)
+        yield servers
     finally:
-        server.stop()
+        servers.stop()
         if previous is None:
             os.environ.pop("OLLAMA_MODELS", None)
         else:
             os.environ["OLLAMA_MODELS"] = previous
+
+
+@pytest.fixture(scope="session")
+def ollama_server(request, ollama_servers) -> ServerHandle:
+    """The 0.11.4 floor, or in every_ollama modules each tested release in turn."""
+    from ollama_ft.ollama_server import OLLAMA_VERSION
+
+    return ollama_servers.get(getattr(request, "param", OLLAMA_VERSION))
+
+
+@pytest.fixture(autouse=True)
+def _models_of_the_tests_server(request, monkeypatch):
+    if "ollama_server" in request.fixturenames:
+        monkeypatch.setenv("OLLAMA_MODELS", str(request.getfixturevalue("ollama_server").models_dir))
 
 
 @pytest.fixture(scope="session")
@@ -124,15 +181,35 @@ def tiny_base(runs_root) -> Path:
     return ensure_tiny_base("tiny:llama", runs_root / "_bases")
 
 
-@pytest.fixture(scope="session")
-def demo_build(ollama_server, runs_root):
-    """`ollama-ft build recipes/tiny-demo.toml` once, through the CLI, as a user runs it."""
+def build_demo(runs_root: Path, server: ServerHandle) -> dict:
     result = subprocess.run(
         [sys.executable, "-m", "ollama_ft.cli", "build", str(DEMO_RECIPE), "--runs-dir", str(runs_root),
-         "--host", ollama_server.host, "--json"],
-        capture_output=True, text=True, timeout=1800, cwd=ROOT)
+         "--host", server.host, "--json"],
+        capture_output=True, text=True, timeout=1800, cwd=ROOT, env=dict(os.environ, OLLAMA_MODELS=str(server.models_dir)))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="session")
+def demo_full_build(ollama_servers, runs_root):
+    """`ollama-ft build recipes/tiny-demo.toml` once, through the CLI, as a user runs it, on the floor."""
+    from ollama_ft.ollama_server import OLLAMA_VERSION
+
+    return build_demo(runs_root, ollama_servers.get(OLLAMA_VERSION))
+
+
+@pytest.fixture(scope="session")
+def demo_build(ollama_server, demo_full_build, runs_root, tmp_path_factory):
+    """The demo build as the test's server has it. On a newer release the floor's run folder is
+    copied and built again there: training and export are up to date, so only register, smoke,
+    baseline and eval run, with the same GGUF and Modelfile, as when a user points --host elsewhere."""
+    if ollama_server.host == demo_full_build["host"]:
+        return {**demo_full_build, "runs_root": str(runs_root)}
+    copy = tmp_path_factory.mktemp(f"runs-{ollama_server.version}")
+    run_dir = Path(demo_full_build["run_dir"]).relative_to(runs_root)
+    shutil.copytree(runs_root / "_bases", copy / "_bases", symlinks=True)
+    shutil.copytree(runs_root / run_dir, copy / run_dir, symlinks=True)
+    return {**build_demo(copy, ollama_server), "runs_root": str(copy)}
 
 
 def strip_ansi(text: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.every_ollama]
 
 
 def test_build_reports_a_held_in_gain_over_the_base(demo_build):

@@ -16,6 +16,8 @@ from ollama_ft.quantize import QuantizeInput, quantize_gguf
 from ollama_ft.register import RegisterInput, is_loopback, local_blob_dirs, push_blob, register_model
 from ollama_ft.runs import file_digest, file_stat
 
+pytestmark = pytest.mark.every_ollama
+
 
 def blob_file(tmp_path: Path) -> tuple[Path, str]:
     blob = tmp_path / "model.gguf"

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 from ollama_ft.pipeline import STAGES
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.every_ollama]
 
 QUICK = """
 [model]

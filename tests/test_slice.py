@@ -10,7 +10,7 @@ from ollama_ft.modelfile import ModelfileSpec
 from ollama_ft.quantize import QuantizeInput, quantize_gguf, read_gguf_types
 from ollama_ft.register import RegisterInput, register_model
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.every_ollama]
 
 
 def test_tiny_base_through_converter_quantizer_and_ollama(tiny_base, tmp_path, ollama_server):

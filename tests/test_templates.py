@@ -5,6 +5,8 @@ import pytest
 
 from ollama_ft.chat_templates import FAMILIES, detect_family, load_family, render_jinja
 
+pytestmark = pytest.mark.every_ollama
+
 CONVERSATION = [
     {"role": "system", "content": "Sen kibar bir asistansın."},
     {"role": "user", "content": "Merhaba! Türkiye'nin başkenti neresi?"},
