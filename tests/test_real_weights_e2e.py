@@ -170,9 +170,9 @@ def test_init_and_estimate_read_a_gguf_base(tmp_path):
 GEMMA = MODELS / "gemma-3-270m-q4_k_m.gguf"
 
 
-@pytest.mark.skip(reason="open: the exported gemma-3 Q4_K_M aborts Ollama 0.11.4's runner on load "
-                  "(GGML_ASSERT view_src ... <= ggml_nbytes(view_src)) while the source GGUF runs; every "
-                  "stage before register passes, the tokenizer gate included")
+@pytest.mark.skip(reason="open: Ollama 0.11.4 aborts on this converter's gemma-3 GGUFs, F16 too "
+                  "(GGML_ASSERT view_src ... <= ggml_nbytes(view_src)); on 0.24.0 the build registers and "
+                  "passes both gates, but 3 LoRA steps on the base model do not yet teach it to stop")
 def test_gemma3_base_trains_with_the_gemma_template_and_answers(ollama_server, tmp_path):
     """google/gemma-3-270m (a base model: no chat template of its own, a 262,144-piece SentencePiece
     vocabulary) as a GGUF base: a short LoRA with the Gemma family, registered, answering in Ollama."""
