@@ -143,6 +143,46 @@ def table(rows: list[dict], ratios: dict) -> str:
     return "\n".join(lines)
 
 
+def ratios_of(rows: list[dict]) -> dict:
+    ok = {r["variant"]: r for r in rows if "error" not in r}
+    ratios: dict = {}
+    for mode in ("", "-qlora"):
+        if f"peft{mode}" in ok and f"unsloth{mode}" in ok:
+            ratios[f"B1 peft{mode} / unsloth{mode} tokens/s"] = ok[f"peft{mode}"]["tokens_per_second"] / ok[f"unsloth{mode}"]["tokens_per_second"]
+            ratios[f"B1 peft{mode} / unsloth{mode} peak memory"] = ok[f"peft{mode}"]["peak_memory_gib"] / ok[f"unsloth{mode}"]["peak_memory_gib"]
+    for variant, row in ok.items():
+        # Each switch against the same variant without it, and whether the loss curve still agrees.
+        plain = ok.get(variant.split("+")[0])
+        if "+" in variant and plain and "loss_curve" in row:
+            ratios[f"switch {variant} / {plain['variant']} tokens/s"] = row["tokens_per_second"] / plain["tokens_per_second"]
+            ratios[f"switch {variant} / {plain['variant']} peak memory"] = row["peak_memory_gib"] / plain["peak_memory_gib"]
+            ratios[f"switch {variant} max relative loss difference"] = max(
+                (abs(a - b) / abs(b) for a, b in zip(row["loss_curve"], plain["loss_curve"])), default=0.0)
+        if "padding_efficiency" in row:
+            ratios[f"B3 {variant} non-pad / computed tokens"] = row["padding_efficiency"]
+    if "bare-unsloth" in ok and "unsloth" in ok:
+        ratios["B4 ollama-ft unsloth / bare unsloth tokens/s"] = ok["unsloth"]["tokens_per_second"] / ok["bare-unsloth"]["tokens_per_second"]
+    return ratios
+
+
+def write_report(rows: list[dict], args, final: bool) -> str:
+    meta = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "python": platform.python_version(),
+            "shape": args.shape, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+            "batch": args.batch, "accum": args.accum, "optim": args.optim, "seed": 42,
+            "data": str(args.data or "generated long chats"), "complete": final,
+            "gradient_checkpointing": not args.no_checkpointing, "command": " ".join(sys.argv)}
+    ratios = ratios_of(rows)
+    report = {"meta": meta, "rows": rows, "ratios": ratios}
+    device = next((r["device"] for r in rows if "device" in r), "?")
+    md = f"# Training throughput ({meta['date']}, {device})\n\n" + table(
+        [r for r in rows if "error" not in r], ratios) + "\n\n```\n" + json.dumps(meta, indent=1) + "\n```\n"
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "train_throughput.json").write_text(json.dumps(report, indent=2))
+        (args.out / "train_throughput.md").write_text(md)
+    return md
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama", choices=["llama", "llama-1b"])
@@ -167,7 +207,7 @@ def main(argv=None) -> int:
     base, data = prepare(args.shape, args.seq, count, args.work)
     if args.data:   # real examples of varied length instead of the generated long chats
         data = args.data.resolve()
-    rows = []
+    rows: list[dict] = []
     for variant in args.variants.split(","):
         print(f"== {variant}", file=sys.stderr, flush=True)
         try:
@@ -175,39 +215,13 @@ def main(argv=None) -> int:
         except Exception as exc:  # one variant failing (e.g. 4-bit on CPU) must not hide the others
             print(f"{variant} failed: {exc}", file=sys.stderr)
             rows.append({"variant": variant, "error": str(exc)})
-    ok = {r["variant"]: r for r in rows if "error" not in r}
-    ratios: dict = {}
-    for mode in ("", "-qlora"):
-        if f"peft{mode}" in ok and f"unsloth{mode}" in ok:
-            ratios[f"B1 peft{mode} / unsloth{mode} tokens/s"] = ok[f"peft{mode}"]["tokens_per_second"] / ok[f"unsloth{mode}"]["tokens_per_second"]
-            ratios[f"B1 peft{mode} / unsloth{mode} peak memory"] = ok[f"peft{mode}"]["peak_memory_gib"] / ok[f"unsloth{mode}"]["peak_memory_gib"]
-    for variant, row in ok.items():
-        # Each switch against the same variant without it, and whether the loss curve still agrees.
-        plain = ok.get(variant.split("+")[0])
-        if "+" in variant and plain:
-            ratios[f"switch {variant} / {plain['variant']} tokens/s"] = row["tokens_per_second"] / plain["tokens_per_second"]
-            ratios[f"switch {variant} / {plain['variant']} peak memory"] = row["peak_memory_gib"] / plain["peak_memory_gib"]
-            ratios[f"switch {variant} max relative loss difference"] = max(
-                (abs(a - b) / abs(b) for a, b in zip(row["loss_curve"], plain["loss_curve"])), default=0.0)
-        ratios[f"B3 {variant} non-pad / computed tokens"] = row["padding_efficiency"]
-    if args.bare_unsloth and "unsloth" in ok:
+        # Written after every variant: a run stopped at a device time limit keeps what it measured.
+        write_report(rows, args, final=False)
+    if args.bare_unsloth and any(r.get("variant") == "unsloth" and "error" not in r for r in rows):
         bare = run_bare_unsloth(base, data, args, args.work)
         if bare:
             rows.append(bare)
-            ratios["B4 ollama-ft unsloth / bare unsloth tokens/s"] = ok["unsloth"]["tokens_per_second"] / bare["tokens_per_second"]
-    meta = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "python": platform.python_version(),
-            "shape": args.shape, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-            "batch": args.batch, "accum": args.accum, "optim": args.optim, "seed": 42,
-            "data": str(args.data or "generated long chats"),
-            "gradient_checkpointing": not args.no_checkpointing, "command": " ".join(sys.argv)}
-    report = {"meta": meta, "rows": rows, "ratios": ratios}
-    md = f"# Training throughput ({meta['date']}, {rows[0].get('device', '?') if rows else '?'})\n\n" + table(
-        [r for r in rows if "error" not in r], ratios) + "\n\n```\n" + json.dumps(meta, indent=1) + "\n```\n"
-    print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "train_throughput.json").write_text(json.dumps(report, indent=2))
-        (args.out / "train_throughput.md").write_text(md)
+    print(write_report(rows, args, final=True))
     return 0
 
 

@@ -53,7 +53,7 @@ class PeftBackend:
         if device == "cuda" and not job.model["load_in_4bit"]:
             model = model.to("cuda")
 
-        speedups = resolve_speedups(t.get("speedups", []), device)
+        speedups = resolve_speedups(t.get("speedups", []), device, four_bit=job.model["load_in_4bit"])
         if not job.model["load_in_4bit"] and "no_fp32_upcast" in speedups:
             speedups.remove("no_fp32_upcast")   # only 4-bit loading upcasts
         overrides, kept = trainer_settings([s for s in speedups if s in TRAINER_SWITCHES], t, device)

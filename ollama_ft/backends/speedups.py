@@ -64,26 +64,41 @@ DEFAULTS: dict[str, dict[str, tuple[bool, str]]] = {
     "cuda": {
         # H100, 1B shape, ~1,750-token chats (issue 7): the flattened batch loses SDPA's fast path.
         "padding_free": (False, "H100 1B shape: TRL padding_free with SDPA at 0.28× Unsloth, padded 0.72×"),
-        "fused_lora": (False, "not yet measured on a GPU; off until it is"),
-        "no_fp32_upcast": (False, "not yet measured on a GPU; off until it is"),
-        "fused_ce": (False, "not yet measured on a GPU; off until it is"),
-        "fused_rmsnorm": (False, "not yet measured on a GPU; off until it is"),
-        "fused_rope": (False, "not yet measured on a GPU; off until it is"),
-        "fused_swiglu": (False, "not yet measured on a GPU; off until it is"),
+        # benchmarks/results/2026-11-26-h100-switches: the five model switches were measured together,
+        # not one by one, so they are on together.
+        "fused_lora": (True, "H100 1B LoRA: on with fused_ce/rmsnorm/rope/swiglu, 1.57× tokens/s, 0.88× memory, equal losses"),
+        "no_fp32_upcast": (False, "4-bit only; its H100 run did not finish inside the lease: off until measured"),
+        "fused_ce": (True, "H100 1B LoRA: on with fused_lora/rmsnorm/rope/swiglu, 1.57× tokens/s, 0.88× memory, equal losses"),
+        "fused_rmsnorm": (True, "H100 1B LoRA: on with fused_lora/ce/rope/swiglu, 1.57× tokens/s, 0.88× memory, equal losses"),
+        "fused_rope": (True, "H100 1B LoRA: on with fused_lora/ce/rmsnorm/swiglu, 1.57× tokens/s, 0.88× memory, equal losses"),
+        "fused_swiglu": (True, "H100 1B LoRA: on with fused_lora/ce/rmsnorm/rope, 1.57× tokens/s, 0.88× memory, equal losses"),
         "fused_adamw": (False, "not yet measured on a GPU; off until it is"),
-        "group_by_length": (False, "not yet measured on a GPU; off until it is"),
+        "group_by_length": (False, "changes the order of the examples, so compare's backends would no longer see "
+                                   "the same batches: opt-in"),
         "dataloader_workers": (False, "not yet measured on a GPU; off until it is"),
         # Issue 7, H100, TRL 1.15: compiling failed inside TRL's fused LM-head kernel (TRL 1.14 has none).
         "torch_compile": (False, "not yet measured on a GPU with TRL 1.14; off until it is"),
         "activation_offloading": (False, "not yet measured on a GPU; off until it is"),
     },
 }
+# 4-bit (QLoRA) on CUDA: nothing is on until a 4-bit run with the switches is measured.
+DEFAULTS["cuda-4bit"] = {
+    name: (False, "4-bit H100 run with the switches did not finish inside the lease: off until measured")
+    if on else (False, reason) for name, (on, reason) in DEFAULTS["cuda"].items()}
 
 
-def resolve_speedups(requested, device: str) -> list[str]:
-    """The switches to apply: the device's measured defaults for "auto", else exactly the list given."""
+def defaults_for(device: str, four_bit: bool) -> dict[str, tuple[bool, str]]:
+    """The measured default of every switch for this device and weight format. A device nobody
+    measured (mps, xpu) gets every switch off: the Triton kernels are CUDA-only."""
+    if device == "cuda" and four_bit:
+        return DEFAULTS["cuda-4bit"]
+    return DEFAULTS.get(device) or {name: (False, f"not measured on {device}") for name in SWITCHES}
+
+
+def resolve_speedups(requested, device: str, four_bit: bool = False) -> list[str]:
+    """The switches to apply: the measured defaults for "auto", else exactly the list given."""
     if requested == "auto":
-        table = DEFAULTS.get(device, DEFAULTS["cuda"])
+        table = defaults_for(device, four_bit)
         return [name for name in SWITCHES if table[name][0]]
     return [name for name in SWITCHES if name in requested]
 
