@@ -79,6 +79,31 @@ def base_problems(recipe: Recipe, host: str) -> list[str]:
     return []
 
 
+def base_architecture(recipe: Recipe) -> str | None:
+    """The base's architecture as llama.cpp names it (llama, gemma3, qwen2, …), read from its GGUF
+    header or config.json without loading weights; None where it cannot be known before loading
+    (a hub id, or a file the other checks already report as unreadable)."""
+    import json
+
+    base = recipe.model.base
+    kind = base_kind(base)
+    try:
+        if kind == "tiny":
+            return "llama"
+        if kind in ("gguf", "ollama"):
+            from ollama_ft.gguf_import import ollama_model_gguf, read_gguf
+
+            path = recipe.resolve(base) if kind == "gguf" else \
+                ollama_model_gguf(base[len(OLLAMA_PREFIX):], ollama_models_dir())
+            return read_gguf(path).value("general.architecture")
+        if kind == "folder":
+            model_type = json.loads((recipe.resolve(base) / "config.json").read_text(encoding="utf-8"))["model_type"]
+            return {"gemma3_text": "gemma3"}.get(model_type, model_type)
+    except (OSError, ValueError, KeyError, UserInputError):
+        return None
+    return None
+
+
 def resolve_base(recipe: Recipe, runs_root: Path, host: str) -> ResolvedBase:
     """The base as a loadable folder: built (tiny) or imported (GGUF, ollama:) when needed."""
     base = recipe.model.base

@@ -320,11 +320,13 @@ def init(path: Path, base: str | None, data: str | None, name: str | None) -> No
 
 
 @main.command("install-ollama")
-def install_ollama_command() -> None:
-    """Build the pinned Ollama (v0.11.4) from its Go module into the cache; print its path."""
-    from ollama_ft.ollama_server import install_ollama
+@click.option("--version", "version", default=None, metavar="X.Y.Z",
+              help="the release to build (default: the pinned floor; tested: 0.11.4 and 0.24.0)")
+def install_ollama_command(version: str | None) -> None:
+    """Build Ollama from its Go module into the cache (default: the pinned v0.11.4); print its path."""
+    from ollama_ft.ollama_server import OLLAMA_VERSION, install_ollama
 
-    click.echo(install_ollama(lambda line: click.echo(line, err=True)))
+    click.echo(install_ollama(lambda line: click.echo(line, err=True), version=version or OLLAMA_VERSION))
 
 
 @main.command("tiny-base")

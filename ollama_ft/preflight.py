@@ -39,14 +39,16 @@ class Ready:
     launcher: Any        # ollama_ft.train.Launcher
 
 
-def ollama_problems(host: str, name: str, owned: bool, force: bool) -> list[OllamaFtError]:
-    """The server is reachable and new enough, and `name` is free, ours, or to be replaced (--force)."""
+def ollama_problems(host: str, name: str, owned: bool, force: bool,
+                    architecture: str | None = None) -> list[OllamaFtError]:
+    """The server is reachable and new enough (for this architecture too), and `name` is free,
+    ours, or to be replaced (--force)."""
     from ollama_ft.errors import OllamaError
     from ollama_ft.ollama_server import client_for, ollama_call
-    from ollama_ft.register import check_server_version, model_exists
+    from ollama_ft.register import check_server_runs, check_server_version, model_exists
 
     try:
-        check_server_version(host)
+        check_server_runs(host, check_server_version(host), architecture)
         exists = ollama_call(host, lambda: model_exists(client_for(host), name))
     except OllamaError as exc:
         return [exc]
@@ -58,7 +60,7 @@ def ollama_problems(host: str, name: str, owned: bool, force: bool) -> list[Olla
 
 def preflight(recipe: Recipe, options, host: str, name: str, run_root: Path) -> Ready:
     """Run every check; raise one PreflightError naming all that failed, else return what they loaded."""
-    from ollama_ft.base_model import base_problems
+    from ollama_ft.base_model import base_architecture, base_problems
     from ollama_ft.pipeline import STAGES, require_cuda, require_tensorboard, training_launcher
 
     problems: list[OllamaFtError] = []
@@ -101,7 +103,7 @@ def preflight(recipe: Recipe, options, host: str, name: str, run_root: Path) -> 
     def ollama() -> None:
         previous = _registered_here(run_root)
         owned = previous == (name, host)
-        errors = ollama_problems(host, name, owned, options.force)
+        errors = ollama_problems(host, name, owned, options.force, base_architecture(recipe))
         if errors:
             raise PreflightError(errors)
 

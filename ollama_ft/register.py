@@ -76,6 +76,28 @@ def model_exists(client, name: str) -> bool:
 # Creating a model from an uploaded GGUF blob with `files` arrived in Ollama 0.5.5.
 MIN_OLLAMA = (0, 5, 5)
 
+# Architectures that older servers cannot run as this converter writes them: the oldest release
+# seen to run them, and what the older one does.
+ARCHITECTURE_FLOORS = {
+    "gemma3": ((0, 24, 0), "Ollama 0.11.4's runner aborts on the gemma3 GGUFs this converter writes "
+                           "(GGML_ASSERT on a tensor view); 0.24.0 runs them"),
+}
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("-")[0].split(".")[:3] if p.isdigit())
+
+
+def check_server_runs(host: str, version: str, architecture: str | None) -> None:
+    """Refuse, before training, a server release known to crash on this architecture's export."""
+    floor = ARCHITECTURE_FLOORS.get(architecture or "")
+    parts = version_tuple(version)
+    if floor and parts and parts != (0, 0, 0) and parts < floor[0]:
+        wanted = ".".join(map(str, floor[0]))
+        raise OllamaError(f"the Ollama server at {host} is version {version}, which cannot run {architecture} "
+                          f"models: {floor[1]}", f"upgrade Ollama to {wanted} or newer "
+                          f"(`ollama-ft install-ollama --version {wanted}`), or point --host at such a server")
+
 
 def check_server_version(host: str) -> str:
     from ollama_ft.ollama_server import server_version
@@ -84,7 +106,7 @@ def check_server_version(host: str) -> str:
     if version is None:
         raise OllamaError(f"cannot reach the Ollama server at {host}",
                           "start it with `ollama serve` (or `ollama-ft install-ollama`), or set ollama.host / --host")
-    parts = tuple(int(p) for p in version.split("-")[0].split(".")[:3] if p.isdigit())
+    parts = version_tuple(version)
     if parts and parts != (0, 0, 0) and parts < MIN_OLLAMA:
         raise OllamaError(f"the Ollama server at {host} is version {version}, too old for creating models from "
                           f"GGUF blobs", f"upgrade to {'.'.join(map(str, MIN_OLLAMA))} or newer "

@@ -70,3 +70,18 @@ def test_a_name_that_belongs_to_another_model_is_found_before_training(tmp_path,
     assert result.exit_code == 1
     assert "a model named 'preflight-taken' already exists in Ollama" in result.stderr
     assert "pass --force to replace it" in result.stderr
+
+
+@pytest.mark.e2e
+def test_a_server_that_cannot_run_the_bases_architecture_is_found_before_training(tmp_path, ollama_server):
+    import os
+
+    gemma = Path(os.environ.get("OLLAMA_FT_CACHE", Path.home() / ".cache" / "ollama-ft")) / "models" / \
+        "gemma-3-270m-q4_k_m.gguf"
+    if not gemma.is_file():
+        pytest.skip(f"{gemma} is missing: run scripts/fetch_models.sh")
+    assert ollama_server.version == "0.11.4"   # the floor fixture; 0.24.0 runs gemma3 (test_real_weights_e2e)
+    result = run_build(tmp_path, ollama_server.host, RECIPE.replace('"tiny:llama"', json.dumps(str(gemma))))
+    assert result.exit_code == 1
+    assert "is version 0.11.4, which cannot run gemma3 models" in result.stderr
+    assert "upgrade Ollama to 0.24.0 or newer (`ollama-ft install-ollama --version 0.24.0`)" in result.stderr
