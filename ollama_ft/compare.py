@@ -1,11 +1,13 @@
 """`ollama-ft compare`: one recipe through several training routes, then one measured report.
 
 Each variant (`peft`, `unsloth`, `peft-qlora`, `unsloth-qlora`) is a full build into its own run
-folder and Ollama tag (`NAME:peft`, …), reusing finished stages. Everything after training is the
-same code for every variant, so the differences in the report come from the trainers. After the
-builds, each model's Ollama load time and generation speed are measured the same way (unloaded
-first, then one fixed greedy request). With `repeat > 1` each variant is trained again from
-scratch to measure run-to-run noise.
+folder and Ollama tag (`NAME:peft`, …). Every variant is trained again in this invocation, so
+the figures side by side were measured under the same conditions; `reuse=True` (`--reuse`) keeps
+finished trainings instead, and the report then names each variant whose figures come from an
+earlier run. Everything after training is the same code for every variant, so the differences in
+the report come from the trainers. After the builds, each model's Ollama load time and
+generation speed are measured the same way (unloaded first, then one fixed greedy request). With
+`repeat > 1` each variant is trained again from scratch to measure run-to-run noise.
 """
 
 from __future__ import annotations
@@ -50,16 +52,18 @@ def measure_ollama_speed(host: str, model: str, max_tokens: int = 64) -> dict[st
             "prompt_tokens_per_second": (resp.prompt_eval_count or 0) / prompt_s if prompt_s else 0.0}
 
 
-def _variant_options(base: BuildOptions, variant: str, repeat_index: int = 0) -> BuildOptions:
+def _variant_options(base: BuildOptions, variant: str, repeat_index: int = 0, reuse: bool = False) -> BuildOptions:
     backend, _, mode = variant.partition("-")
     name = variant if repeat_index == 0 else f"{variant}-r{repeat_index + 1}"
+    from_stage = base.from_stage or (None if reuse or base.force else "train")
     return replace(base, backend=backend, variant=name, qlora=(mode == "qlora") or None, tag_model=True,
-                   skip_eval=base.skip_eval or repeat_index > 0)
+                   skip_eval=base.skip_eval or repeat_index > 0, from_stage=from_stage)
 
 
 def compare(recipe: Recipe, variants: list[str], options: BuildOptions, *, repeat: int = 1,
-            out_dir: Path | None = None) -> dict[str, Any]:
-    """Build every variant, measure serving speed, and write compare.md / compare.json / plots."""
+            out_dir: Path | None = None, reuse: bool = False) -> dict[str, Any]:
+    """Build every variant, measure serving speed, and write compare.md / compare.json / plots.
+    Every variant trains in this call unless `reuse`, which keeps earlier trainings and labels them."""
     from ollama_ft.backends import check_backend_available
     from ollama_ft.report import build_report, write_report
 
@@ -70,7 +74,7 @@ def compare(recipe: Recipe, variants: list[str], options: BuildOptions, *, repea
     for variant in variants:
         runs = []
         for index in range(repeat):
-            runs.append(build(recipe, _variant_options(options, variant, index)))
+            runs.append(build(recipe, _variant_options(options, variant, index, reuse)))
         results[variant] = runs
         speeds[variant] = measure_ollama_speed(runs[0].host, runs[0].model_name)
     out_dir = out_dir or Path(options.runs_root) / recipe.stem / "compare"

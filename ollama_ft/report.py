@@ -32,11 +32,24 @@ COLUMNS = [
 ]
 
 
+def trained_when(result) -> str | None:
+    """None when this build trained the variant, else when the reused training finished."""
+    import time
+
+    if "train" in result.ran:
+        return None
+    try:
+        finished = json.loads((Path(result.run_dir) / "records" / "train.json").read_text(encoding="utf-8"))["finished_at"]
+    except (OSError, ValueError, KeyError):
+        return "an earlier run"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(finished))
+
+
 def variant_row(result, speed: dict[str, float]) -> dict[str, Any]:
     m = result.metrics
     t = m["train"]
     row = {
-        "model": result.model_name, "run_dir": str(result.run_dir),
+        "model": result.model_name, "run_dir": str(result.run_dir), "training_reused_from": trained_when(result),
         "train_seconds": t["train_seconds"], "tokens_per_second": t["tokens_per_second"],
         "tokens_seen": t["tokens_seen"], "steps": t["steps"],
         "peak_memory_gib": t["peak_memory_bytes"] / 2**30, "peak_memory_kind": t["peak_memory_kind"],
@@ -74,7 +87,9 @@ def _noise(runs) -> dict[str, float]:
 def build_report(recipe, results: dict[str, list], speeds: dict[str, dict], env: dict) -> dict[str, Any]:
     rows = {v: variant_row(runs[0], speeds[v]) for v, runs in results.items()}
     noise = {v: _noise(runs) for v, runs in results.items()}
-    verdicts = []
+    verdicts = [f"{v}: training figures reused from a build finished {r['training_reused_from']}, not measured "
+                "in this run (compare without --reuse measures every variant now)"
+                for v, r in rows.items() if r["training_reused_from"]]
     names = list(rows)
     if len(names) >= 2:
         a, b = names[0], names[1]
@@ -110,6 +125,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             cells.append("–" if value is None else fmt.format(value))
         if any(c != "–" for c in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| training measured | " + " | ".join(
+        f"reused ({report['variants'][v]['training_reused_from']})" if report["variants"][v].get("training_reused_from")
+        else "this run" for v in names) + " |")
     lines += ["", "## What differs beyond noise", ""] + [f"- {v}" for v in report["verdicts"]]
     categories = sorted({c for r in report["variants"].values() for c in (r.get("eval_by_category") or {})})
     if categories:
@@ -194,4 +212,7 @@ def render_table(report: dict[str, Any]):
                  for v in names]
         if any(c != "–" for c in cells):
             table.add_row(label, *cells)
+    table.add_row("training measured", *(f"reused ({report['variants'][v]['training_reused_from']})"
+                                         if report["variants"][v].get("training_reused_from") else "this run"
+                                         for v in names))
     return table

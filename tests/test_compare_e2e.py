@@ -1,6 +1,8 @@
 """`ollama-ft compare recipes/tiny-demo.toml --backends unsloth,peft` against the real Ollama:
 both variants are built and registered under their own tags, and every figure in the report is
-the one measured in that variant's run folder (none copied from a constant)."""
+the one measured in that variant's run folder (none copied from a constant). `--reuse` keeps the
+peft training that `demo_build` made (one demo training less for CI), and the report must say
+that peft's figures come from that earlier build while unsloth's were measured now."""
 
 import json
 import subprocess
@@ -17,7 +19,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def compare_report(demo_build, ollama_server, runs_root):
     out = subprocess.run([sys.executable, "-m", "ollama_ft.cli", "compare", str(DEMO_RECIPE), "--backends",
-                          "unsloth,peft", "--runs-dir", str(runs_root), "--host", ollama_server.host, "--json"],
+                          "unsloth,peft", "--reuse", "--runs-dir", str(runs_root), "--host", ollama_server.host, "--json"],
                          capture_output=True, text=True, timeout=2400, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
@@ -60,3 +62,22 @@ def test_report_files_and_plots_written(compare_report):
     md = (out / "compare.md").read_text(encoding="utf-8")
     assert "| train tokens/s (non-pad) |" in md and "unsloth" in md and "torch" in md
     assert json.loads((out / "compare.json").read_text())["variants"].keys() == {"unsloth", "peft"}
+
+
+def test_a_reused_training_is_labelled_and_a_fresh_one_is_not(compare_report):
+    rows = compare_report["variants"]
+    assert rows["unsloth"]["training_reused_from"] is None
+    assert rows["peft"]["training_reused_from"]   # demo_build trained it before this compare
+    assert any(v.startswith("peft: training figures reused from a build finished") for v in compare_report["verdicts"])
+    md = (Path(compare_report["out_dir"]) / "compare.md").read_text(encoding="utf-8")
+    assert "| training measured | this run | reused (" in md
+
+
+def test_without_reuse_every_variant_trains_again():
+    from ollama_ft.compare import _variant_options
+    from ollama_ft.pipeline import BuildOptions
+
+    assert _variant_options(BuildOptions(), "peft").from_stage == "train"
+    assert _variant_options(BuildOptions(), "peft", reuse=True).from_stage is None
+    assert _variant_options(BuildOptions(force=True), "peft").from_stage is None      # force redoes all anyway
+    assert _variant_options(BuildOptions(from_stage="eval"), "peft").from_stage == "eval"
