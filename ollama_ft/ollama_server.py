@@ -148,6 +148,23 @@ def miniaudio_include_dir(log: Callable[[str], None] = lambda line: None) -> Pat
     return folder
 
 
+def build_environment(version: str, level: str, gobin: Path, miniaudio_dir: Path | None) -> dict[str, str]:
+    """The environment `go install` builds Ollama `version` with, for the CPU's x86-64 `level`."""
+    # ggml's weight repacking (see the module docstring); ggml renamed the macro in 2025, and the
+    # unused name is harmless, so both releases get both.
+    cppflags = ["-DGGML_USE_CPU_AARCH64", "-DGGML_USE_CPU_REPACK"]
+    if miniaudio_dir is not None:   # releases after the floor: headers their module zip lacks
+        cppflags += [f"-I{miniaudio_dir}", "-I/usr/include/stb"]
+    env = dict(os.environ, GOBIN=str(gobin), CGO_ENABLED="1", GOFLAGS="-mod=mod", CGO_CPPFLAGS=" ".join(cppflags))
+    if level != "generic":
+        # ggml picks its SIMD kernels from the compiler's target macros (__AVX2__, __FMA__, …).
+        env["CGO_CFLAGS"] = f"-O3 -march={level}"
+        env["CGO_CXXFLAGS"] = " ".join([f"-O3 -march={level}", *cppflags[2:]])
+    elif miniaudio_dir is not None:
+        env["CGO_CXXFLAGS"] = " ".join(cppflags[2:])
+    return env
+
+
 def install_ollama(log: Callable[[str], None] = lambda line: None, version: str = OLLAMA_VERSION) -> Path:
     """Build Ollama `version` with `go install` (minutes on 2 cores) unless the cache has it."""
     binary = pinned_binary(version=version)
@@ -158,24 +175,13 @@ def install_ollama(log: Callable[[str], None] = lambda line: None, version: str 
         raise MissingDependencyError("building Ollama needs the Go toolchain (go 1.24+; 1.26+ for v0.2x)",
                                      "install Go, or put an existing `ollama` on PATH")
     binary.parent.mkdir(parents=True, exist_ok=True)
-    # ggml's weight repacking (see the module docstring); ggml renamed the macro in 2025, and the
-    # unused name is harmless, so both releases get both.
-    cppflags = ["-DGGML_USE_CPU_AARCH64", "-DGGML_USE_CPU_REPACK"]
     if version != OLLAMA_VERSION:
         missing = sorted({package for path, package in MISSING_HEADERS.items() if not Path(path).is_file()})
         if missing:
             raise MissingDependencyError(f"building Ollama {version} needs headers its Go module lacks",
                                          f"apt-get install -y {' '.join(missing)}")
-        cppflags += [f"-I{miniaudio_include_dir(log)}", "-I/usr/include/stb"]
-    env = dict(os.environ, GOBIN=str(binary.parent), CGO_ENABLED="1", GOFLAGS="-mod=mod",
-               CGO_CPPFLAGS=" ".join(cppflags))
-    level = cpu_level()
-    if level != "generic":
-        # ggml picks its SIMD kernels from the compiler's target macros (__AVX2__, __FMA__, …).
-        env["CGO_CFLAGS"] = f"-O3 -march={level}"
-        env["CGO_CXXFLAGS"] = " ".join([f"-O3 -march={level}", *cppflags[2:]])
-    elif version != OLLAMA_VERSION:
-        env["CGO_CXXFLAGS"] = " ".join(cppflags[2:])
+    env = build_environment(version, cpu_level(), binary.parent,
+                            miniaudio_include_dir(log) if version != OLLAMA_VERSION else None)
     command = [go, "install", "-ldflags", f"-X {OLLAMA_MODULE}/version.Version={version}",
                f"{OLLAMA_MODULE}@v{version}"]
     started = time.monotonic()

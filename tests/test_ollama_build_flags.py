@@ -24,9 +24,17 @@ def test_cpu_level_from_cpuinfo(flags, level):
     assert cpu_level(f"processor\t: 0\n{flags}\n") == level
 
 
-def test_each_level_has_its_own_cached_binary():
-    assert pinned_binary("x86-64-v3") != pinned_binary("generic")
-    assert "x86-64-v3" in str(pinned_binary("x86-64-v3"))
+def test_each_level_builds_with_its_own_march_into_its_own_folder(tmp_path):
+    from ollama_ft.ollama_server import build_environment
+
+    v3 = build_environment("0.11.4", "x86-64-v3", pinned_binary("x86-64-v3").parent, None)
+    generic = build_environment("0.11.4", "generic", pinned_binary("generic").parent, None)
+    assert v3["CGO_CFLAGS"] == "-O3 -march=x86-64-v3" and "-march" not in generic.get("CGO_CFLAGS", "")
+    assert v3["GOBIN"] != generic["GOBIN"]   # a v3 binary is never served on a CPU without AVX2
+    assert "-DGGML_USE_CPU_REPACK" in v3["CGO_CPPFLAGS"] and "-DGGML_USE_CPU_REPACK" in generic["CGO_CPPFLAGS"]
+    current = build_environment("0.24.0", "x86-64-v4", tmp_path, tmp_path / "miniaudio")
+    assert f"-I{tmp_path / 'miniaudio'}" in current["CGO_CPPFLAGS"]
+    assert current["CGO_CXXFLAGS"] == f"-O3 -march=x86-64-v4 -I{tmp_path / 'miniaudio'} -I/usr/include/stb"
 
 
 def test_the_built_ollama_runs_ggml_with_this_cpus_simd(ollama_server, demo_build):
