@@ -182,13 +182,15 @@ def build(recipe: Path, backend: str, force: bool, from_stage: str | None, runs_
 @click.option("--repeat", type=click.IntRange(1, 10), default=1, show_default=True,
               help="Train each variant N times to measure run-to-run noise.")
 @click.option("--force", is_flag=True, help="Redo every stage of every variant.")
+@click.option("--reuse", is_flag=True, help="Keep finished trainings instead of training every variant again "
+              "now; the report names each variant whose figures come from an earlier run.")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--host", help="Ollama server (default: recipe, then $OLLAMA_HOST, then 127.0.0.1:11434).")
 @click.option("--cpu", is_flag=True, help="Train on the CPU even if a GPU is present.")
 @click.option("--no-eval", is_flag=True, help="Skip the recipe's eval suite.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
-def compare(recipe: Path, variants: str, repeat: int, force: bool, runs_dir: Path, host: str | None, cpu: bool,
-            no_eval: bool, as_json: bool) -> None:
+def compare(recipe: Path, variants: str, repeat: int, force: bool, reuse: bool, runs_dir: Path, host: str | None,
+            cpu: bool, no_eval: bool, as_json: bool) -> None:
     """Build RECIPE with each training backend and report the measured differences."""
     from ollama_ft.compare import compare as run_compare
     from ollama_ft.compare import parse_variants
@@ -203,7 +205,7 @@ def compare(recipe: Path, variants: str, repeat: int, force: bool, runs_dir: Pat
     try:
         report = run_compare(loaded, names, BuildOptions(force=force, runs_root=runs_dir, host=host,
                                                           device="cpu" if cpu else "auto", skip_eval=no_eval,
-                                                          reporter=reporter), repeat=repeat)
+                                                          reporter=reporter), repeat=repeat, reuse=reuse)
     finally:
         reporter.close()
     if as_json:
@@ -225,8 +227,10 @@ def compare(recipe: Path, variants: str, repeat: int, force: bool, runs_dir: Pat
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the Markdown and JSON reports (default: runs/eval/MODEL).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--sample", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Run a seeded sample of N cases, each category keeping its share.")
 def eval_command(model: str, suite: Path | None, baseline: str | None, concurrency: int, host: str | None,
-                 out: Path | None, as_json: bool) -> None:
+                 out: Path | None, as_json: bool, sample: int | None) -> None:
     """Run an eval suite against MODEL (any model in the Ollama server)."""
     from ollama_ft.eval_suite import load_suite
     from ollama_ft.evaluate import compare_reports, evaluate_model, render_table, write_report
@@ -235,6 +239,8 @@ def eval_command(model: str, suite: Path | None, baseline: str | None, concurren
 
     suite_path = suite or bundled("evals", "turkish-core.toml")
     loaded = load_suite(suite_path)
+    if sample:
+        loaded = loaded.sample(sample)
     host = normalise_host(host)
     console = _console()
     reporter = RichReporter(console)

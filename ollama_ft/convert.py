@@ -51,7 +51,10 @@ def convert_to_gguf(inp: ConvertInput) -> ConvertOutput:
             from ollama_ft.gguf_import import write_source_tokenizer
 
             write_source_tokenizer(inp.source_gguf, tmp)
-        diff, agree = compare_logits(inp.merged_path, tmp, inp.sample_texts)
+        from ollama_ft.quantize import stderr_to
+
+        with stderr_to(inp.log_path):   # llama.cpp's context notes and the weight-loading bar go to the log
+            diff, agree = compare_logits(inp.merged_path, tmp, inp.sample_texts)
         if diff > inp.tolerance:
             raise StageError(f"GGUF check failed: F16 GGUF logits differ from the merged model's by {diff:.3g} "
                              f"of their range (allowed {inp.tolerance})",

@@ -239,6 +239,34 @@ class Suite(_Strict):
     def categories(self) -> list[str]:
         return sorted({c.category for c in self.cases})
 
+    def sample(self, count: int, seed: int = 42) -> Suite:
+        """A seeded sample of `count` cases, each category and held-in/held-out group keeping its
+        share (at least one case each while `count` allows), in the suite's order: a quicker run
+        that still reports every category. The suite itself when `count` covers it."""
+        import random
+
+        if count >= len(self.cases):
+            return self
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for index, case in enumerate(self.cases):
+            groups.setdefault((case.category, case.held_in), []).append(index)
+        # Largest-remainder apportionment, so the sample has exactly `count` cases.
+        quotas = {key: count * len(members) / len(self.cases) for key, members in groups.items()}
+        taken = {key: min(len(groups[key]), max(1, int(q))) for key, q in quotas.items()}
+        by_remainder = sorted(groups, key=lambda k: (quotas[k] - int(quotas[k]), k), reverse=True)
+        while sum(taken.values()) < count:
+            for key in by_remainder:
+                if sum(taken.values()) < count and taken[key] < len(groups[key]):
+                    taken[key] += 1
+        while sum(taken.values()) > count:   # fewer cases than groups: the smallest groups give way
+            candidates = [k for k in taken if taken[k] > 1] or [k for k in taken if taken[k] > 0]
+            key = max(candidates, key=lambda k: (taken[k] - quotas[k], k))
+            taken[key] -= 1
+        rng = random.Random(seed)
+        chosen = sorted(i for key, members in sorted(groups.items()) for i in rng.sample(members, taken[key]))
+        return self.model_copy(update={"cases": [self.cases[i] for i in chosen],
+                                       "name": f"{self.name} (seeded sample of {count} of {len(self.cases)} cases)"})
+
 
 # --- loading and error reporting ----------------------------------------------------------
 

@@ -104,6 +104,9 @@ def _logits(model, tokenizer, texts):
 def merge_adapter(inp: MergeInput) -> MergeOutput:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()   # a weight-loading bar per load would break the build's stage lines
 
     tokenizer = AutoTokenizer.from_pretrained(inp.trained_path, trust_remote_code=inp.trust_remote_code)
     tokenizer.chat_template = inp.chat_jinja

@@ -501,13 +501,16 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
     # 10. eval ---------------------------------------------------------------------------------
     if recipe.eval.suite and not options.skip_eval:
         suite_path = recipe.resolve(recipe.eval.suite)
-        eval_key = fingerprint(smoke_key, file_digest(suite_path), recipe.eval.concurrency, baseline_name)
+        sampled = [recipe.eval.sample] if recipe.eval.sample else []   # unset keeps earlier fingerprints
+        eval_key = fingerprint(smoke_key, file_digest(suite_path), recipe.eval.concurrency, baseline_name, *sampled)
 
         def do_eval() -> dict[str, Any]:
             from ollama_ft.eval_suite import load_suite
             from ollama_ft.evaluate import compare_reports, evaluate_model, write_report
 
             suite = load_suite(suite_path)
+            if recipe.eval.sample:
+                suite = suite.sample(recipe.eval.sample)
 
             def progress(done: int, total: int) -> None:
                 options.reporter.progress("eval", done, total)

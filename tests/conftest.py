@@ -42,6 +42,18 @@ def pytest_configure(config):
                             "Ollama release (ollama_ft.ollama_server.TESTED_OLLAMA_VERSIONS)")
 
 
+# Fixtures that start a real Ollama server or run the real converter and quantizer.
+SLOW_FIXTURES = {"ollama_server", "ollama_servers", "demo_build", "demo_full_build", "tiny_gguf"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs a real server or a real export is e2e, marked or not, so
+    `pytest -m "not e2e"` is the fast unit run."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.e2e)
+
+
 def pytest_generate_tests(metafunc):
     """In modules marked every_ollama, a test that uses the server (itself or through demo_build)
     runs against the 0.11.4 floor and against the current release: ids ollama-0.11.4, ollama-0.24.0."""

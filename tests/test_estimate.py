@@ -218,3 +218,45 @@ def test_build_warns_before_merge_when_ram_is_short(monkeypatch) -> None:
     assert warning.startswith("merge and the GGUF check hold the model in RAM") and "rerun" in warning
     monkeypatch.setattr(estimate, "available_ram_bytes", lambda: need)
     assert export_ram_warning(recipe, options) is None
+
+
+@pytest.mark.e2e
+def test_a_build_shows_both_memory_warnings_before_the_work_they_warn_of(monkeypatch, tmp_path, runs_root,
+                                                                         ollama_server) -> None:
+    """Through build() itself, not its helpers: a device too small for the estimate warns before
+    training, RAM too small for the export warns before the merge, and both land in build.log."""
+    from ollama_ft import estimate
+    from ollama_ft.errors import StageError
+    from ollama_ft.pipeline import BuildOptions, build
+
+    class Recorder:
+        def __init__(self):
+            self.events: list[tuple[str, str, str]] = []
+
+        def stage(self, name: str, status: str, detail: str = "") -> None:
+            self.events.append((name, status, detail))
+
+        def progress(self, name: str, done: int, total: int, detail: str = "") -> None:
+            pass
+
+    monkeypatch.setattr(estimate, "training_device_bytes", lambda force_cpu=False: (64 * 2**20, True))
+    monkeypatch.setattr(estimate, "available_ram_bytes", lambda: 2**20)
+    chat = {"messages": [{"role": "user", "content": "Merhaba"}, {"role": "assistant", "content": "Selam!"}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(chat) + "\n", encoding="utf-8")
+    (tmp_path / "estimate-warn.toml").write_text(
+        '[model]\nbase = "tiny:llama"\n[data]\ntrain = "d.jsonl"\n[train]\nmax_steps = 1\n'
+        '[ollama]\nname = "estimate-warn"\n', encoding="utf-8")
+    reporter = Recorder()
+    # One step leaves the tiny model unable to stop, so smoke fails; the warnings come long before.
+    with pytest.raises(StageError, match="smoke test"):
+        build(load_recipe(tmp_path / "estimate-warn.toml"),
+              BuildOptions(runs_root=runs_root, host=ollama_server.host, device="cpu", skip_eval=True,
+                           force=True, reporter=reporter))
+    order = [(name, status) for name, status, _ in reporter.events]
+    warnings = {name: detail for name, status, detail in reporter.events if status == "warn"}
+    assert warnings["train"].startswith("training needs about") and "64.0 MiB" in warnings["train"]
+    assert warnings["merge"].startswith("merge and the GGUF check hold the model in RAM")
+    assert order.index(("train", "warn")) < order.index(("train", "done"))
+    assert order.index(("merge", "warn")) < order.index(("merge", "done"))
+    log = (runs_root / "estimate-warn" / "peft" / "build.log").read_text(encoding="utf-8")
+    assert "train warning: training needs about" in log and "merge warning: merge and the GGUF check" in log

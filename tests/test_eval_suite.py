@@ -258,3 +258,37 @@ type = "turkish"
     path.write_text(text, encoding="utf-8")
     opts = load_suite(path).cases[0].options
     assert (opts.temperature, opts.num_predict, opts.seed) == (0, 64, 42)
+
+
+def test_a_sample_keeps_every_group_in_proportion_and_is_reproducible(suite: Suite) -> None:
+    from collections import Counter
+
+    whole = Counter((c.category, c.held_in) for c in suite.cases)
+    sample = suite.sample(40)
+    picked = Counter((c.category, c.held_in) for c in sample.cases)
+    assert len(sample.cases) == 40 and len({c.id for c in sample.cases}) == 40
+    assert set(picked) == set(whole)   # every category, held-in and held-out, is still measured
+    for group, n in whole.items():
+        assert abs(picked[group] - 40 * n / len(suite.cases)) <= 1, group
+    assert [c.id for c in sample.cases] == [c.id for c in suite.sample(40).cases]
+    assert [c.id for c in sample.cases] != [c.id for c in suite.sample(40, seed=7).cases]
+    order = [c.id for c in suite.cases]
+    assert [c.id for c in sample.cases] == sorted((c.id for c in sample.cases), key=order.index)
+    assert "seeded sample of 40 of 104 cases" in sample.name
+    assert len(suite.sample(5).cases) == 5 and suite.sample(500) is suite
+
+
+def test_a_sample_reaches_the_recipe_and_the_eval_command(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from ollama_ft.cli import main
+    from ollama_ft.recipe import load_recipe
+
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n', encoding="utf-8")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nbase = "tiny:llama"\n[data]\ntrain = "d.jsonl"\n[ollama]\nname = "x"\n'
+                      '[eval]\nsuite = "s.toml"\nsample = 0\n', encoding="utf-8")
+    with pytest.raises(UserInputError, match="eval.sample"):
+        load_recipe(recipe)
+    result = CliRunner().invoke(main, ["eval", "m", "--sample", "0"])
+    assert result.exit_code == 2 and "--sample" in result.output
