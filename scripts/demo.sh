@@ -49,7 +49,7 @@ ollama-ft build "$recipe"
 built=$(date +%s)
 echo
 echo "==> ollama run $model \"Türkiye'nin başkenti neresidir?\"   (OLLAMA_HOST=$OLLAMA_HOST)"
-"$OLLAMA_BIN" run "$model" "Türkiye'nin başkenti neresidir?" </dev/tty 2>/dev/null || \
+"$OLLAMA_BIN" run "$model" "Türkiye'nin başkenti neresidir?" 2>/dev/null </dev/tty || \
   "$OLLAMA_BIN" run "$model" "Türkiye'nin başkenti neresidir?"
 echo
 echo "==> set-up $((setup_done - start)) s, build $((built - setup_done)) s, all $(( $(date +%s) - start )) s"
