@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from ollama_ft.errors import OllamaError
 from ollama_ft.modelfile import ModelfileSpec, parameter_lines
-from ollama_ft.ollama_server import client_for, ollama_call
+from ollama_ft.ollama_server import client_for, ollama_call, version_tuple
 from ollama_ft.runs import file_digest, file_stat
 
 
@@ -84,15 +84,16 @@ ARCHITECTURE_FLOORS = {
 }
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split("-")[0].split(".")[:3] if p.isdigit())
+def older_than(version: str, floor: tuple[int, ...]) -> bool:
+    """A released version below `floor`; a source build without a version (0.0.0) is given the benefit."""
+    parts = version_tuple(version)
+    return any(parts) and parts < floor
 
 
 def check_server_runs(host: str, version: str, architecture: str | None) -> None:
     """Refuse, before training, a server release known to crash on this architecture's export."""
     floor = ARCHITECTURE_FLOORS.get(architecture or "")
-    parts = version_tuple(version)
-    if floor and parts and parts != (0, 0, 0) and parts < floor[0]:
+    if floor and older_than(version, floor[0]):
         wanted = ".".join(map(str, floor[0]))
         raise OllamaError(f"the Ollama server at {host} is version {version}, which cannot run {architecture} "
                           f"models: {floor[1]}", f"upgrade Ollama to {wanted} or newer "
@@ -106,8 +107,7 @@ def check_server_version(host: str) -> str:
     if version is None:
         raise OllamaError(f"cannot reach the Ollama server at {host}",
                           "start it with `ollama serve` (or `ollama-ft install-ollama`), or set ollama.host / --host")
-    parts = version_tuple(version)
-    if parts and parts != (0, 0, 0) and parts < MIN_OLLAMA:
+    if older_than(version, MIN_OLLAMA):
         raise OllamaError(f"the Ollama server at {host} is version {version}, too old for creating models from "
                           f"GGUF blobs", f"upgrade to {'.'.join(map(str, MIN_OLLAMA))} or newer "
                           "(`ollama-ft install-ollama` builds 0.11.4)")

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ollama_ft.runs import atomic_write_json, atomic_write_text
+from ollama_ft.runs import RunDir, atomic_write_json, atomic_write_text
 
 # (key in a row, label, format) in the order the table shows them.
 COLUMNS = [
@@ -38,11 +38,8 @@ def trained_when(result) -> str | None:
 
     if "train" in result.ran:
         return None
-    try:
-        finished = json.loads((Path(result.run_dir) / "records" / "train.json").read_text(encoding="utf-8"))["finished_at"]
-    except (OSError, ValueError, KeyError):
-        return "an earlier run"
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(finished))
+    record = RunDir(result.run_dir).read_record("train")
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(record.finished_at)) if record else "an earlier run"
 
 
 def variant_row(result, speed: dict[str, float]) -> dict[str, Any]:

@@ -24,8 +24,7 @@ current=$(python -c 'from ollama_ft.ollama_server import CURRENT_OLLAMA_VERSION 
 new_enough() {  # the server at $1 answers and is at least the current release
   python - "$1" "$current" <<'EOF'
 import sys
-from ollama_ft.ollama_server import server_version
-from ollama_ft.register import version_tuple
+from ollama_ft.ollama_server import server_version, version_tuple
 found = server_version("http://" + sys.argv[1].removeprefix("http://"))
 sys.exit(0 if found and version_tuple(found) >= version_tuple(sys.argv[2]) else 1)
 EOF

@@ -81,3 +81,16 @@ def test_without_reuse_every_variant_trains_again():
     assert _variant_options(BuildOptions(), "peft", reuse=True).from_stage is None
     assert _variant_options(BuildOptions(force=True), "peft").from_stage is None      # force redoes all anyway
     assert _variant_options(BuildOptions(from_stage="eval"), "peft").from_stage == "eval"
+
+
+def test_the_reuse_label_comes_from_the_train_record(tmp_path):
+    import time
+    from types import SimpleNamespace
+
+    from ollama_ft.report import trained_when
+    from ollama_ft.runs import RunDir, StageRecord
+
+    assert trained_when(SimpleNamespace(ran=["train", "merge"], run_dir=tmp_path)) is None
+    assert trained_when(SimpleNamespace(ran=[], run_dir=tmp_path)) == "an earlier run"   # no record
+    RunDir(tmp_path).write_record(StageRecord("train", "fp"))
+    assert trained_when(SimpleNamespace(ran=[], run_dir=tmp_path)) == time.strftime("%Y-%m-%d %H:%M")

@@ -33,6 +33,10 @@ SWITCHES = ("padding_free", "fused_lora", "no_fp32_upcast", "fused_ce", "fused_r
 TRAINER_SWITCHES = ("padding_free", "fused_adamw", "group_by_length", "dataloader_workers", "torch_compile",
                     "activation_offloading")
 
+# benchmarks/results/2026-11-26-h100-switches measured the five model switches together only.
+_TOGETHER_ON_H100 = ("H100 1B LoRA, fused_lora + fused_ce + fused_rmsnorm + fused_rope + fused_swiglu together: "
+                     "1.57× tokens/s, 0.88× memory, equal losses")
+
 # device -> switch -> (on, the measurement behind the choice)
 DEFAULTS: dict[str, dict[str, tuple[bool, str]]] = {
     "cpu": {
@@ -64,14 +68,12 @@ DEFAULTS: dict[str, dict[str, tuple[bool, str]]] = {
     "cuda": {
         # H100, 1B shape, ~1,750-token chats (issue 7): the flattened batch loses SDPA's fast path.
         "padding_free": (False, "H100 1B shape: TRL padding_free with SDPA at 0.28× Unsloth, padded 0.72×"),
-        # benchmarks/results/2026-11-26-h100-switches: the five model switches were measured together,
-        # not one by one, so they are on together.
-        "fused_lora": (True, "H100 1B LoRA: on with fused_ce/rmsnorm/rope/swiglu, 1.57× tokens/s, 0.88× memory, equal losses"),
+        "fused_lora": (True, _TOGETHER_ON_H100),
         "no_fp32_upcast": (False, "4-bit only; its H100 run did not finish inside the lease: off until measured"),
-        "fused_ce": (True, "H100 1B LoRA: on with fused_lora/rmsnorm/rope/swiglu, 1.57× tokens/s, 0.88× memory, equal losses"),
-        "fused_rmsnorm": (True, "H100 1B LoRA: on with fused_lora/ce/rope/swiglu, 1.57× tokens/s, 0.88× memory, equal losses"),
-        "fused_rope": (True, "H100 1B LoRA: on with fused_lora/ce/rmsnorm/swiglu, 1.57× tokens/s, 0.88× memory, equal losses"),
-        "fused_swiglu": (True, "H100 1B LoRA: on with fused_lora/ce/rmsnorm/rope, 1.57× tokens/s, 0.88× memory, equal losses"),
+        "fused_ce": (True, _TOGETHER_ON_H100),
+        "fused_rmsnorm": (True, _TOGETHER_ON_H100),
+        "fused_rope": (True, _TOGETHER_ON_H100),
+        "fused_swiglu": (True, _TOGETHER_ON_H100),
         "fused_adamw": (False, "not yet measured on a GPU; off until it is"),
         "group_by_length": (False, "changes the order of the examples, so compare's backends would no longer see "
                                    "the same batches: opt-in"),
