@@ -1,4 +1,4 @@
-"""The hand-written LoRA backward (ollama_ft/backends/fast_lora.py) agrees with PEFT's autograd.
+"""The hand-written LoRA backward (ollama_ft/kernels/fast_lora.py) agrees with PEFT's autograd.
 
 A tiny random Llama is wrapped with PEFT, copied, and one copy patched; logits, gradients, a few
 optimizer steps and the saved adapter must match the unpatched copy. CPU, fp32, a few seconds;
@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from ollama_ft.backends.fast_lora import LoraLinearFunction, patch_peft_lora  # noqa: E402
+from ollama_ft.kernels.fast_lora import LoraLinearFunction, patch_peft_lora  # noqa: E402
 
 LAYERS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,4 +1,4 @@
-"""The fused LM head + cross-entropy (ollama_ft/backends/fused_ce.py) agrees with PyTorch and TRL.
+"""The fused LM head + cross-entropy (ollama_ft/kernels/fused_ce.py) agrees with PyTorch and TRL.
 
 The Function's loss and gradients are checked against `F.cross_entropy` in float64 and float32,
 its metrics against TRL's chunked loss, and a patched tiny Llama against the unpatched one; then
@@ -16,8 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
-from ollama_ft.backends import fused_ce  # noqa: E402
-from ollama_ft.backends.fused_ce import fused_linear_cross_entropy, patch_fused_cross_entropy  # noqa: E402
+from ollama_ft.kernels import fused_ce  # noqa: E402
+from ollama_ft.kernels.fused_ce import fused_linear_cross_entropy, patch_fused_cross_entropy  # noqa: E402
 
 # Importing transformers in this process trips torch.jit's own deprecation notice.
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),

@@ -1,4 +1,4 @@
-"""The Triton kernels of the PEFT backend (ollama_ft/backends/fused_kernels.py) agree with transformers.
+"""The Triton kernels of the PEFT backend (ollama_ft/kernels/fused_kernels.py) agree with transformers.
 
 The kernels run on CPU through Triton's interpreter, which has to be on before Triton is
 imported; so the checks below run in a separate `python tests/test_fused_kernels.py BASE WORK
@@ -110,7 +110,7 @@ def outputs_and_grads(function, inputs: list) -> list:
 def check_rmsnorm():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from ollama_ft.backends.fused_kernels import RMSNormFunction
+    from ollama_ft.kernels.fused_kernels import RMSNormFunction
 
     # (input, weight) dtypes: as loaded, and a float32 weight on bf16 activations (output float32).
     for x_dtype, w_dtype in [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)]:
@@ -130,7 +130,7 @@ def check_rmsnorm():
 def check_rotary():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from ollama_ft.backends.fused_kernels import RotaryFunction
+    from ollama_ft.kernels.fused_kernels import RotaryFunction
 
     def fused(q, k, cos, sin):
         return RotaryFunction.apply(q, cos, sin), RotaryFunction.apply(k, cos, sin)
@@ -151,7 +151,7 @@ def check_rotary():
 
 
 def check_swiglu():
-    from ollama_ft.backends.fused_kernels import SwiGLUFunction
+    from ollama_ft.kernels.fused_kernels import SwiGLUFunction
 
     for dtype in DTYPES:
         generator = torch.Generator().manual_seed(0)
@@ -163,7 +163,7 @@ def check_swiglu():
 
 
 def count_kernel_calls() -> Counter:
-    from ollama_ft.backends import fused_kernels
+    from ollama_ft.kernels import fused_kernels
 
     calls: Counter = Counter()
     for function in (fused_kernels.RMSNormFunction, fused_kernels.RotaryFunction, fused_kernels.SwiGLUFunction):
@@ -186,7 +186,7 @@ def check_patched_lora(base_path: str):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ollama_ft.backends.fused_kernels import patch_model
+    from ollama_ft.kernels.fused_kernels import patch_model
 
     ids = torch.randint(0, 2000, (2, 9), generator=torch.Generator().manual_seed(2))
     models, expected = {}, {}
@@ -239,7 +239,7 @@ def check_other_families():
     Cohere's rotary interleaves the halves: only its SwiGLU MLP is patched. Logits stay the same."""
     from transformers import CohereConfig, CohereForCausalLM, GemmaConfig, GemmaForCausalLM
 
-    from ollama_ft.backends.fused_kernels import patch_model
+    from ollama_ft.kernels.fused_kernels import patch_model
 
     shape = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=12, vocab_size=64)
@@ -259,7 +259,7 @@ def check_other_families():
 
 def check_backend(base_path: str, work: str) -> dict:
     """One optimizer step of the PEFT backend asking for the three switches: what it kept."""
-    from ollama_ft.backends import fused_kernels
+    from ollama_ft.kernels import fused_kernels
     from test_fused_ce import train_tiny
 
     result = train_tiny(Path(base_path), Path(work) / "backend", list(SWITCHES), examples=4, max_seq_length=64,

@@ -299,7 +299,7 @@ def run_sft(job: TrainJob, model, tokenizer, emit, *, device: str, dtype, kind: 
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=callbacks, **(trainer_overrides or {}))
     if "fused_ce" in (speedups or []):
-        from ollama_ft.backends.fused_ce import patch_fused_cross_entropy
+        from ollama_ft.kernels.fused_ce import patch_fused_cross_entropy
 
         # It stands in for TRL's chunked_nll loss only; other losses, and heads it does not cover, stay TRL's.
         if trainer.args.loss_type != "chunked_nll" or not patch_fused_cross_entropy(model):

@@ -20,7 +20,7 @@ def apply_kernel_switches(model, speedups: list[str], device: str) -> list[str]:
     requested = [s for s in speedups if s in KERNEL_SWITCHES]
     if not requested:
         return speedups
-    from ollama_ft.backends import fused_kernels
+    from ollama_ft.kernels import fused_kernels
 
     applied = fused_kernels.patch_model(model, requested) if fused_kernels.available(device) else []
     return [s for s in speedups if s not in requested or s in applied]
@@ -79,7 +79,7 @@ class PeftBackend:
                             use_dora=t["method"] == "dora", bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
         if "fused_lora" in speedups:
-            from ollama_ft.backends.fast_lora import patch_peft_lora
+            from ollama_ft.kernels.fast_lora import patch_peft_lora
 
             if patch_peft_lora(model) == 0:   # dropout, DoRA: PEFT's own layers stay
                 speedups.remove("fused_lora")
