@@ -168,6 +168,11 @@ def build(recipe: Path, backend: str, force: bool, from_stage: str | None, runs_
     q = m.get("quantize", {})
     if q:
         console.print(f"  gguf:  {q['gguf_path']} ({_size(q['size_bytes'])}, {q['quant_type']})")
+        if q.get("quality"):
+            shipped = next(c for c in q["quality"]["candidates"] if c["quant_type"] == q["quant_type"])
+            console.print(f"  quant: {q['quant_type']} is the smallest of {len(q['quality']['candidates'])} within "
+                          f"the floor (mean KLD {shipped['mean_kld']:.4f}, top-1 {shipped['top1_agreement']:.1%})"
+                          f"  → {q['quality']['report_md']}")
     console.print(f"  modelfile: {m.get('modelfile', {}).get('modelfile_path')}")
     if "eval" in m:
         console.print(f"  eval: pass rate {m['eval'].get('pass_rate', 0):.0%}  → {m['eval'].get('report_md')}")
@@ -333,6 +338,16 @@ def install_ollama_command(version: str | None) -> None:
     from ollama_ft.ollama_server import OLLAMA_VERSION, install_ollama
 
     click.echo(install_ollama(lambda line: click.echo(line, err=True), version=version or OLLAMA_VERSION))
+
+
+@main.command("install-llama-tools")
+def install_llama_tools_command() -> None:
+    """Build llama.cpp's llama-imatrix, llama-quantize and llama-perplexity into the cache; print the folder.
+
+    Needed for export.imatrix and for choosing the quantization by measured quality."""
+    from ollama_ft.llama_tools import install_tools
+
+    click.echo(install_tools(lambda line: click.echo(line, err=True)))
 
 
 @main.command("tiny-base")

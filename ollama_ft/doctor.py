@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
 UNSLOTH_REQUIREMENTS = CONSTRAINTS.with_name("requirements-unsloth.txt")
 INSTALL_FIX = "pip install -c constraints.txt -e ."
-Need = Literal["core", "recipe", "bitsandbytes", "tensorboard", "optional"]
+Need = Literal["core", "recipe", "bitsandbytes", "tensorboard", "llama-tools", "optional"]
 
 
 @dataclass
@@ -43,7 +43,8 @@ class Check:
     detail: str
     fix: str = ""
     # Whose failure it is: every install ("core"), any build ("recipe"), a recipe that uses
-    # bitsandbytes (4-bit base or 8-bit Adam), one that logs to TensorBoard, or nobody ("optional").
+    # bitsandbytes (4-bit base or 8-bit Adam), one that logs to TensorBoard, one with an importance
+    # matrix or several quantizations to choose from (llama.cpp's tools), or nobody ("optional").
     needed_for: Need = "optional"
 
 
@@ -59,6 +60,8 @@ def blocking_checks(checks: list[Check], recipe: Recipe | None) -> list[Check]:
         needed.add("bitsandbytes")
     if recipe is not None and recipe.train.report_to == "tensorboard":
         needed.add("tensorboard")
+    if recipe is not None and recipe.export.needs_llama_tools:
+        needed.add("llama-tools")
     return [c for c in checks if c.status == "missing" and c.needed_for in needed]
 
 
@@ -201,7 +204,13 @@ def _llama_cpp_checks() -> list[Check]:
     except Exception as exc:
         quantizer = Check("GGUF quantizer", "missing", f"cannot import llama_cpp: {str(exc)[:160]}",
                           "pip install -c constraints.txt llama-cpp-python", "core")
-    return [converter, quantizer]
+    from ollama_ft.llama_tools import INSTALL_HINT, missing_tools, tools_dir
+
+    missing = missing_tools()
+    tools = Check("llama.cpp tools", "missing" if missing else "ok",
+                  f"{', '.join(missing)} not built" if missing else f"imatrix, quantize, perplexity in {tools_dir()}",
+                  INSTALL_HINT if missing else "", "llama-tools")
+    return [converter, quantizer, tools]
 
 
 def _behaviour_check(version: str) -> Check:

@@ -59,3 +59,23 @@ class LockedError(OllamaFtError):
     """Another ollama-ft process is already working in this run directory."""
 
     exit_code = 2
+
+
+class TrainingInterrupted(OllamaFtError):
+    """Ctrl-C during training; a checkpoint was saved and a rerun resumes from it."""
+
+    exit_code = 130
+
+
+class PreflightError(UserInputError):
+    """Several reasons not to start a build, in one message."""
+
+    def __init__(self, problems: list[OllamaFtError]):
+        self.problems = problems
+        if len(problems) == 1:
+            super().__init__(problems[0].message, problems[0].hint)
+        else:
+            super().__init__(f"{len(problems)} problems stop this build: "
+                             + "; ".join(f"({i}) {p.one_line()}" for i, p in enumerate(problems, 1)))
+        # Wrong input (2) outranks an environment failure such as a stopped server (1).
+        self.exit_code = max(p.exit_code for p in problems)

@@ -304,12 +304,13 @@ def _disk(recipe: Recipe, params: int, trainable: int, wbytes: int, optimizer: i
     """Bytes of each output the build keeps (checkpoints are deleted once training ends, but count at peak)."""
     t = recipe.train
     saved = wbytes * params if t.method == "full" else 4 * trainable
-    quant = recipe.export.quantization
     # The merge saves float16 whatever the base's dtype (ollama_ft/merge.py, cast_for_export).
     disk = {"checkpoints (2 kept)": 2 * (saved + optimizer), "trained": saved,
             "merged": 2 * params, "F16 GGUF": 2 * params}
-    if quant != "f16":
-        disk[f"{quant.upper()} GGUF"] = int(params * BITS_PER_WEIGHT[quant] / 8)
+    # Every candidate stays on disk until one is chosen (the others are deleted then).
+    for quant in recipe.export.candidates:
+        if quant != "f16":
+            disk[f"{quant.upper()} GGUF"] = int(params * BITS_PER_WEIGHT[quant] / 8)
     return disk
 
 

@@ -1,4 +1,4 @@
-"""The build pipeline: train → merge → convert → quantize → modelfile → register → smoke → eval.
+"""The build pipeline: train → merge → convert → imatrix → quantize → modelfile → register → smoke → eval.
 
 Each stage is a small module with a typed input and output; this file only decides what each
 stage gets, skips stages whose inputs did not change (their record's fingerprint matches), and
@@ -23,7 +23,7 @@ from ollama_ft.errors import OllamaFtError, UserInputError
 from ollama_ft.recipe import Recipe
 from ollama_ft.runs import RunDir, StageRecord, atomic_write_json, clean_partials, file_digest, file_stat, fingerprint, tree_size
 
-STAGES = ("train", "merge", "convert", "quantize", "tokenizer", "modelfile", "register", "smoke", "baseline", "eval")
+STAGES = ("train", "merge", "convert", "imatrix", "quantize", "tokenizer", "modelfile", "register", "smoke", "baseline", "eval")
 
 
 class Reporter(Protocol):
@@ -230,6 +230,25 @@ def sample_texts(examples: list[dict], template: ChatTemplate, count: int = 3) -
     return texts
 
 
+def quality_texts(examples: list[dict], validation: list[dict], template: ChatTemplate) -> tuple[list[str], str]:
+    """(calibration, held-out): the examples rendered as training saw them, for the importance
+    matrix; and plain text the matrix never saw, to measure each quantization on. The validation
+    split is held out when there is one, else the last tenth of the examples."""
+    def rendered(example: dict) -> str:
+        if example.get("messages"):
+            return render(template.jinja, example["messages"], add_generation_prompt=False)
+        return example.get("text", "")
+
+    def plain(example: dict) -> str:
+        if example.get("messages"):
+            return "\n".join(m["content"] for m in example["messages"])
+        return example.get("text", "")
+
+    held = validation or examples[len(examples) - max(1, len(examples) // 10):]
+    calibrate = examples if validation else examples[:len(examples) - len(held)]
+    return [rendered(e) for e in calibrate or examples], "\n\n".join(plain(e) for e in held)
+
+
 def training_launcher(options: BuildOptions):
     """The train stage's Launcher, after checking the launcher options fit together."""
     from ollama_ft.train import Launcher
@@ -393,26 +412,71 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
 
     f16 = runner.stage("convert", convert_key, do_convert, lambda o: Path(o["gguf_path"]).exists())
 
-    # 4. quantize -----------------------------------------------------------------------------
-    quant = recipe.export.quantization
-    quant_key = fingerprint(convert_key, quant)
+    # 4. imatrix: an importance matrix from the recipe's own examples (export.imatrix) ---------
+    calibration, held_out = quality_texts(examples, validation, template)
+    imatrix_path, imatrix_fp = None, None
+    if recipe.export.imatrix == "auto":
+        imatrix_key = fingerprint(convert_key, calibration, "imatrix-v1")
+
+        def do_imatrix() -> dict[str, Any]:
+            from ollama_ft.imatrix import ImatrixInput, compute_imatrix
+
+            out = compute_imatrix(ImatrixInput(Path(f16["gguf_path"]), calibration, run.path("imatrix.gguf"),
+                                               run.path("imatrix.log")))
+            return {**asdict(out), "path": str(out.path)}
+
+        matrix = runner.stage("imatrix", imatrix_key, do_imatrix, lambda o: Path(o["path"]).exists())
+        imatrix_path, imatrix_fp = Path(matrix["path"]), matrix["sha256"]
+    elif recipe.export.imatrix != "none":
+        imatrix_path = recipe.resolve(recipe.export.imatrix)
+        imatrix_fp = file_digest(imatrix_path)
+
+    # 5. quantize: one type, or the smallest of several that meets the quality floor -----------
+    export = recipe.export
+    if export.chooses_by_quality:
+        quant_key = fingerprint(convert_key, export.candidates, imatrix_fp, export.max_kld, export.min_top1,
+                                held_out, recipe.eval.candidates, "choose-v1")
+    else:   # a single type without a matrix keeps the key runs made before matrices existed
+        quant_key = fingerprint(convert_key, export.quantization, *([imatrix_fp] if imatrix_fp else []))
 
     def do_quantize() -> dict[str, Any]:
         from ollama_ft.quantize import QuantizeInput, quantize_gguf
 
-        ensure_disk(run.root, f16["size_bytes"], "quantize")
-        out = quantize_gguf(QuantizeInput(Path(f16["gguf_path"]), run.path(f"model-{quant}.gguf"), quant,
-                                          log_path=run.path("quantize.log")))
+        ensure_disk(run.root, f16["size_bytes"] * (len(export.candidates) if export.chooses_by_quality else 1),
+                    "quantize")
+        quality: dict[str, Any] = {}
+        if export.chooses_by_quality:
+            from ollama_ft.quant_quality import ChoiceInput, as_records, quantize_by_quality
+
+            choice = quantize_by_quality(ChoiceInput(Path(f16["gguf_path"]), export.candidates, held_out, run.root,
+                                                     export.max_kld, export.min_top1, imatrix_path,
+                                                     str(export.imatrix), keep_candidates=recipe.eval.candidates))
+            out = choice.chosen
+            quality = {"quality": {"candidates": as_records(choice.figures), "chosen": out.file_type_name,
+                                   "max_kld": export.max_kld, "min_top1": export.min_top1,
+                                   "imatrix": str(export.imatrix),
+                                   "report_md": str(choice.report_md), "plot": str(choice.plot),
+                                   "kept": {q: str(p) for q, p in choice.kept.items()}}}
+        else:
+            out = quantize_gguf(QuantizeInput(Path(f16["gguf_path"]), run.path(f"model-{export.quantization}.gguf"),
+                                              export.quantization, log_path=run.path("quantize.log"),
+                                              imatrix=imatrix_path))
         hashed_stat = list(file_stat(out.gguf_path))   # taken before hashing: a later change shows in it
         return {"gguf_path": str(out.gguf_path), "size_bytes": out.size_bytes, "file_type": out.file_type,
                 "quant_type": out.file_type_name, "tensor_types": out.tensor_types,
-                "sha256": file_digest(out.gguf_path), "hashed_stat": hashed_stat}
+                "imatrix": str(imatrix_path) if imatrix_path else None,
+                "sha256": file_digest(out.gguf_path), "hashed_stat": hashed_stat, **quality}
 
-    quantized = runner.stage("quantize", quant_key, do_quantize, lambda o: Path(o["gguf_path"]).exists())
-    if not recipe.export.keep_f16 and quant != "f16":
+    def quantized_files_exist(outputs: dict) -> bool:
+        kept = (outputs.get("quality") or {}).get("kept") or {}
+        return all(Path(p).exists() for p in [outputs["gguf_path"], *kept.values()])
+
+    quantized = runner.stage("quantize", quant_key, do_quantize, quantized_files_exist)
+    quant = quantized["quant_type"]
+    if not export.keep_f16 and quant != "f16":
         Path(f16["gguf_path"]).unlink(missing_ok=True)
 
-    # 5. tokenizer gate -----------------------------------------------------------------------
+    # 6. tokenizer gate -----------------------------------------------------------------------
     tokenizer_key = fingerprint(quant_key, quantized["sha256"], data_fp, "tokenizer-v1")
 
     def do_tokenizer_gate() -> dict[str, Any]:
@@ -425,7 +489,7 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
 
     gate = runner.stage("tokenizer", tokenizer_key, do_tokenizer_gate)
 
-    # 6. modelfile ----------------------------------------------------------------------------
+    # 7. modelfile ----------------------------------------------------------------------------
     from ollama_ft.modelfile import ModelfileSpec, write_modelfile
 
     parameters: dict[str, Any] = {"num_ctx": recipe.model.max_seq_length, **recipe.ollama.parameters}
@@ -438,7 +502,7 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
                  lambda: {"modelfile_path": str(write_modelfile(spec, run.path("Modelfile")))},
                  lambda o: Path(o["modelfile_path"]).exists())
 
-    # 7. register -----------------------------------------------------------------------------
+    # 8. register -----------------------------------------------------------------------------
     from ollama_ft.ollama_server import client_for, ollama_call
     from ollama_ft.register import RegisterInput, model_exists, register_model
 
@@ -470,7 +534,7 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
 
     runner.stage("register", register_key, do_register, still_registered)
 
-    # 8. smoke --------------------------------------------------------------------------------
+    # 9. smoke --------------------------------------------------------------------------------
     from ollama_ft.smoke import SmokeInput, smoke_test
 
     first = next((e for e in examples if e.get("messages")), None)
@@ -485,24 +549,26 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
                 f"{gate['checked']}/{gate['total']} examples")
     runner.stage("smoke", smoke_key, lambda: asdict(smoke_test(SmokeInput(name, host, prompt, evidence=evidence))))
 
-    # 9. baseline: the untrained base, exported and registered the same way (eval.baseline) ---
+    # 10. baseline: the untrained base, exported and registered the same way (eval.baseline) ---
     baseline_name = None
     if recipe.eval.suite and recipe.eval.baseline and not options.skip_eval:
         baseline_name = name.split(":", 1)[0] + ":base"
         baseline_key = fingerprint(base_fp, template.jinja, spec.template, spec.stops, spec.system, parameters,
-                                   quant, baseline_name, host)
+                                   quant, baseline_name, host, *([imatrix_fp] if imatrix_fp else []))
 
         def do_baseline() -> dict[str, Any]:
             return export_baseline(Path(base_path), run.path("baseline"), samples, recipe, spec, quant,
-                                   baseline_name, host, base.source_gguf)
+                                   baseline_name, host, base.source_gguf, imatrix_path)
 
         runner.stage("baseline", baseline_key, do_baseline, still_registered_as(host, baseline_name))
 
-    # 10. eval ---------------------------------------------------------------------------------
+    # 11. eval ---------------------------------------------------------------------------------
     if recipe.eval.suite and not options.skip_eval:
         suite_path = recipe.resolve(recipe.eval.suite)
         sampled = [recipe.eval.sample] if recipe.eval.sample else []   # unset keeps earlier fingerprints
-        eval_key = fingerprint(smoke_key, file_digest(suite_path), recipe.eval.concurrency, baseline_name, *sampled)
+        others = candidate_models(quantized, name) if recipe.eval.candidates else {}
+        eval_key = fingerprint(smoke_key, file_digest(suite_path), recipe.eval.concurrency, baseline_name, *sampled,
+                               *([sorted(others)] if others else []))
 
         def do_eval() -> dict[str, Any]:
             from ollama_ft.eval_suite import load_suite
@@ -525,9 +591,41 @@ def _build_stages(recipe: Recipe, options: BuildOptions, run: RunDir, runner: _R
             if before is not None:
                 out["baseline"] = {"model": baseline_name, **eval_summary(before)}
                 out["delta"] = {k: v.model_dump() for k, v in compare_reports(report, before).items()}
+            if others:
+                from ollama_ft.quant_quality import add_pass_rates
+
+                out["candidates"] = evaluate_candidates(others, spec, host, suite, recipe.eval.concurrency,
+                                                        run.path("eval"), progress)
+                rates = {quant: c["pass_rate"] for quant, c in out["candidates"].items()}
+                add_pass_rates(quantized["quality"], {**rates, quantized["quant_type"]: report.pass_rate})
             return out
 
         runner.stage("eval", eval_key, do_eval, lambda o: Path(o["report_json"]).exists())
+
+
+def candidate_models(quantized: dict[str, Any], name: str) -> dict[str, Path]:
+    """Ollama name -> GGUF of each kept quantization candidate but the shipped one (eval.candidates)."""
+    kept = (quantized.get("quality") or {}).get("kept") or {}
+    return {f"{name.split(':', 1)[0]}:{quant}": Path(path) for quant, path in kept.items()
+            if quant != quantized["quant_type"]}
+
+
+def evaluate_candidates(models: dict[str, Path], spec, host: str, suite, concurrency: int, folder: Path,
+                        progress) -> dict[str, Any]:
+    """Register each candidate GGUF under its own tag with the shipped Modelfile and run the suite on it."""
+    from dataclasses import replace as dc_replace
+
+    from ollama_ft.evaluate import evaluate_model, write_report
+    from ollama_ft.register import RegisterInput, register_model
+
+    results = {}
+    for model, gguf in models.items():
+        # The tags belong to this recipe's builds, so replacing them needs no --force.
+        register_model(RegisterInput(model, host, dc_replace(spec, gguf_path=gguf), force=True))
+        report = evaluate_model(host, model, suite, concurrency=concurrency, progress=progress)
+        md, _ = write_report(report, folder / model.split(":", 1)[1])
+        results[model.split(":", 1)[1]] = {"model": model, "report_md": str(md), **eval_summary(report)}
+    return results
 
 
 def still_registered_as(host: str, name: str) -> Callable[[dict], bool]:
@@ -541,8 +639,10 @@ def still_registered_as(host: str, name: str) -> Callable[[dict], bool]:
 
 
 def export_baseline(base_path: Path, folder: Path, samples: list[str], recipe: Recipe, spec, quant: str,
-                    name: str, host: str, source_gguf: Path | None = None) -> dict[str, Any]:
-    """The untrained base through the same convert → quantize → register path as the fine-tune."""
+                    name: str, host: str, source_gguf: Path | None = None,
+                    imatrix: Path | None = None) -> dict[str, Any]:
+    """The untrained base through the same convert → quantize → register path as the fine-tune:
+    the type the fine-tune shipped, with the fine-tune's importance matrix (same tensor names)."""
     from dataclasses import replace as dc_replace
 
     from ollama_ft.convert import ConvertInput, convert_to_gguf
@@ -553,7 +653,7 @@ def export_baseline(base_path: Path, folder: Path, samples: list[str], recipe: R
     f16 = convert_to_gguf(ConvertInput(base_path, folder / "model-f16.gguf", samples,
                                        recipe.export.logits_tolerance, folder / "convert.log", source_gguf))
     q = quantize_gguf(QuantizeInput(f16.gguf_path, folder / f"model-{quant}.gguf", quant,
-                                    log_path=folder / "quantize.log"))
+                                    log_path=folder / "quantize.log", imatrix=imatrix))
     # The baseline tag belongs to this recipe's builds, so replacing it needs no --force.
     register_model(RegisterInput(name, host, dc_replace(spec, gguf_path=q.gguf_path), force=True))
     return {"model": name, "gguf_path": str(q.gguf_path), "size_bytes": q.size_bytes}

@@ -3,7 +3,7 @@
 A build that trains for an hour and then learns that Ollama is down, or that the model's name
 belongs to someone else, has wasted the hour. Each check here runs whatever the others found,
 and all problems are reported at once, one line: the options, the data, the base, the device,
-and the Ollama server (reachable, new enough, the name free or this run's own).
+llama.cpp's tools when the export needs them, and the Ollama server (reachable, new enough, the name free or this run's own).
 
     ready = preflight(recipe, options, host, name)
     ready.data, ready.launcher
@@ -15,22 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ollama_ft.errors import OllamaFtError, UserInputError
+from ollama_ft.errors import OllamaFtError, PreflightError, UserInputError
 from ollama_ft.recipe import Recipe
-
-
-class PreflightError(UserInputError):
-    """Several reasons not to start a build, in one message."""
-
-    def __init__(self, problems: list[OllamaFtError]):
-        self.problems = problems
-        if len(problems) == 1:
-            super().__init__(problems[0].message, problems[0].hint)
-        else:
-            super().__init__(f"{len(problems)} problems stop this build: "
-                             + "; ".join(f"({i}) {p.one_line()}" for i, p in enumerate(problems, 1)))
-        # Wrong input (2) outranks an environment failure such as a stopped server (1).
-        self.exit_code = max(p.exit_code for p in problems)
 
 
 @dataclass(frozen=True)
@@ -100,6 +86,17 @@ def preflight(recipe: Recipe, options, host: str, name: str, run_root: Path) -> 
         if recipe.model.load_in_4bit or options.qlora:
             require_cuda("4-bit loading (QLoRA)", options.device)
 
+    def llama_tools() -> None:
+        from ollama_ft.errors import MissingDependencyError
+        from ollama_ft.llama_tools import INSTALL_HINT, missing_tools
+
+        missing = missing_tools()
+        if missing:
+            export = recipe.export
+            why = (f"export.imatrix = {export.imatrix!r}" if export.imatrix != "none" else
+                   f"export.quantization = {export.quantization!r}")
+            raise MissingDependencyError(f"{why} needs llama.cpp's {', '.join(missing)}, not built yet", INSTALL_HINT)
+
     def ollama() -> None:
         previous = _registered_here(run_root)
         owned = previous == (name, host)
@@ -115,6 +112,8 @@ def preflight(recipe: Recipe, options, host: str, name: str, run_root: Path) -> 
     check(data, "data")
     check(base)
     check(device)
+    if recipe.export.needs_llama_tools:
+        check(llama_tools)
     check(ollama)
     if problems:
         raise PreflightError(problems)

@@ -1,7 +1,10 @@
-"""Stage 4, quantize: F16 GGUF → Q4_K_M (or another llama.cpp type) through llama-cpp-python.
+"""Stage 4, quantize: F16 GGUF → Q4_K_M (or another llama.cpp type).
 
-The output's type is read back from its own GGUF metadata (`general.file_type`), not assumed.
-llama.cpp prints a line or more per tensor; that goes to the stage's log file, not the terminal.
+Without an importance matrix this goes through llama-cpp-python's binding, which needs no
+other program; with one, through llama.cpp's `llama-quantize` (llama_tools.py), which also
+records the matrix in the GGUF's metadata (`quantize.imatrix.*`). The output's type is read back
+from its own GGUF metadata (`general.file_type`), not assumed. llama.cpp prints a line or more
+per tensor; that goes to the stage's log file, not the terminal.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ollama_ft.errors import MissingDependencyError, StageError
+from ollama_ft.recipe import NEEDS_IMATRIX
 from ollama_ft.runs import atomic_output
 
 
@@ -25,6 +29,7 @@ class QuantizeInput:
     quant_type: str          # "q4_k_m", "q8_0", "f16", …
     threads: int = 0         # 0: llama.cpp picks
     log_path: Path | None = None   # llama.cpp's output; None: the terminal
+    imatrix: Path | None = None    # an importance matrix (imatrix.py) to quantize with
 
 
 @dataclass
@@ -84,6 +89,12 @@ def quantize_gguf(inp: QuantizeInput) -> QuantizeOutput:
     with atomic_output(inp.out_file) as tmp:
         if inp.quant_type == "f16":
             shutil.copyfile(inp.f16_path, tmp)  # already that type
+        elif inp.imatrix is not None:
+            from ollama_ft.llama_tools import run_tool
+
+            run_tool("llama-quantize", ["--imatrix", str(inp.imatrix), str(inp.f16_path), str(tmp),
+                                        inp.quant_type.upper(), *([str(inp.threads)] if inp.threads else [])],
+                     inp.log_path or Path("/dev/null"))
         else:
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = want
@@ -91,8 +102,8 @@ def quantize_gguf(inp: QuantizeInput) -> QuantizeOutput:
             with stderr_to(inp.log_path):
                 code = llama_cpp.llama_model_quantize(str(inp.f16_path).encode(), str(tmp).encode(), params)
             if code != 0 or not tmp.exists():
-                hint = ("IQ1/IQ2 types need an importance matrix; choose q4_k_m, q5_k_m, q6_k or q8_0"
-                        if inp.quant_type.startswith(("iq1", "iq2")) else
+                hint = ("this type needs an importance matrix: set export.imatrix = 'auto'"
+                        if inp.quant_type in NEEDS_IMATRIX else
                         f"see llama.cpp's message in {inp.log_path or 'the output above'}")
                 raise StageError(f"llama.cpp could not quantize to {inp.quant_type} (code {code})", hint)
         file_type, tensor_types = read_gguf_types(tmp)

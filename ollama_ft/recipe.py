@@ -29,6 +29,11 @@ QUANT_TYPES = (
     "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m", "iq1_s", "iq1_m",
     "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
 )
+# Types whose tensors llama.cpp refuses to make without an importance matrix (llama-quant.cpp's
+# tensor_requires_imatrix; a test quantizes each type without one to keep this list honest).
+NEEDS_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "q2_k_s")
+# What `quantization = "auto"` measures: the common sizes from near-lossless to 3.5 bits per weight.
+AUTO_QUANTS = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "q3_k_m")
 CHAT_TEMPLATES = ("auto", "chatml", "llama3", "llama31", "mistral", "gemma", "phi3", "alpaca")
 ADAPTER_METHODS = ("lora", "qlora", "dora")
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
@@ -115,21 +120,55 @@ class TrainSection(_Section):
 
 
 class ExportSection(_Section):
-    quantization: str = Field("q4_k_m", description="llama.cpp quant type: q4_k_m (default), q5_k_m, q8_0, "
-                      "f16, … any type llama.cpp's quantizer offers.")
+    quantization: str | list[str] = Field("q4_k_m", description="llama.cpp quant type: q4_k_m (default), "
+                      "q5_k_m, q8_0, iq4_xs, f16, … any type llama.cpp's quantizer offers. A list, or \"auto\" "
+                      f"({', '.join(AUTO_QUANTS)}), makes each, measures it against the F16 model on held-out text "
+                      "and ships the smallest that meets max_kld (and min_top1).")
+    imatrix: str = Field("none", description="Importance matrix for the quantizer: \"auto\" computes one from "
+                      "the training examples rendered with the training template (calibrated on the language "
+                      "and format the model serves), \"none\", or the path of an imatrix file (.gguf or .dat). "
+                      "Needs llama.cpp's tools: `ollama-ft install-llama-tools`.")
+    max_kld: float = Field(0.05, gt=0, description="Quality floor when several types are measured: the largest "
+                      "mean KL divergence from the F16 model's next-token distribution on held-out text.")
+    min_top1: float | None = Field(None, gt=0, le=1, description="Also a floor: the least share of tokens whose "
+                      "most likely next token is the F16 model's (e.g. 0.9).")
     keep_f16: bool = Field(True, description="Keep the F16 GGUF after quantizing (it is needed for requantizing).")
     logits_tolerance: float = Field(0.05, gt=0, description="Largest allowed max-abs difference between the "
                       "F16 GGUF's next-token logits and the merged model's, relative to the logits' range.")
 
     @field_validator("quantization")
     @classmethod
-    def _known_quant(cls, value: str) -> str:
-        low = value.lower()
-        if low not in QUANT_TYPES:
-            near = difflib.get_close_matches(low, QUANT_TYPES, n=1)
-            hint = f"did you mean {near[0]!r}? " if near else ""
-            raise ValueError(f"{hint}llama.cpp offers: {', '.join(QUANT_TYPES)}")
-        return low
+    def _known_quant(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and value.lower() == "auto":
+            return "auto"
+        names = [value] if isinstance(value, str) else value
+        if not names:
+            raise ValueError('an empty list; name at least one type, or "auto"')
+        for name in names:
+            if name.lower() not in QUANT_TYPES:
+                near = difflib.get_close_matches(name.lower(), QUANT_TYPES, n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                which = f"{name!r}: " if isinstance(value, list) else ""
+                raise ValueError(f"{which}{hint}llama.cpp offers: {', '.join(QUANT_TYPES)}, or \"auto\"")
+        low = [name.lower() for name in names]
+        if len(set(low)) != len(low):
+            raise ValueError("names a type twice")
+        return low[0] if isinstance(value, str) else low
+
+    @property
+    def candidates(self) -> list[str]:
+        """The types the quantize stage makes: one, or several to choose from by measured quality."""
+        if self.quantization == "auto":
+            return list(AUTO_QUANTS)
+        return [self.quantization] if isinstance(self.quantization, str) else list(self.quantization)
+
+    @property
+    def chooses_by_quality(self) -> bool:
+        return not isinstance(self.quantization, str) or self.quantization == "auto"
+
+    @property
+    def needs_llama_tools(self) -> bool:
+        return self.imatrix != "none" or self.chooses_by_quality
 
 
 class OllamaSection(_Section):
@@ -157,6 +196,9 @@ class EvalSection(_Section):
     concurrency: int = Field(2, ge=1, le=64)
     sample: int | None = Field(None, ge=1, description="Evaluate a seeded sample of this many cases, each "
                       "category keeping its share (a quicker run on a slow machine); unset: every case.")
+    candidates: bool = Field(False, description="With export.quantization a list or \"auto\": also register "
+                      "every measured candidate as NAME:TYPE (e.g. tr-model:q5_k_m) and run the suite on each, "
+                      "so the quality table has pass rates beside the KL divergences.")
 
 
 class Recipe(_Section):
@@ -181,6 +223,14 @@ class Recipe(_Section):
         if self.train.method in PROMPT_METHODS:
             problems.append(f"train.method = {self.train.method!r}: soft prompts have no GGUF form, so the model "
                             "cannot be exported to Ollama; use lora, qlora, dora or full")
+        needing = [q for q in self.export.candidates if q in NEEDS_IMATRIX]
+        if needing and self.export.imatrix == "none":
+            problems.append(f"export.quantization: {', '.join(needing)} need an importance matrix, and "
+                            "export.imatrix = 'none'; set export.imatrix = 'auto' (or a file), or choose "
+                            "q4_k_m / iq4_xs")
+        if self.eval.candidates and not (self.export.chooses_by_quality and self.eval.suite):
+            problems.append("eval.candidates = true evaluates the quantization candidates: it needs "
+                            "export.quantization = \"auto\" or a list, and eval.suite")
         from ollama_ft.modelfile import OLLAMA_PARAMETERS, modelfile_text_problem, parameter_type_problem
 
         texts = [("ollama.system", self.ollama.system), ("ollama.template", self.ollama.template),
@@ -266,6 +316,11 @@ def check_recipe_files(recipe: Recipe) -> list[str]:
         candidates.append(("data.validation", recipe.data.validation))
     if recipe.eval.suite:
         candidates.append(("eval.suite", recipe.eval.suite))
+    if recipe.export.imatrix not in ("auto", "none"):
+        path = recipe.resolve(recipe.export.imatrix)
+        if not path.is_file():
+            problems.append(f"export.imatrix = {recipe.export.imatrix!r}: no such file ({path}); give an imatrix "
+                            "file relative to the recipe's folder, or \"auto\" / \"none\"")
     for field, value in candidates:
         path = recipe.resolve(value)
         looks_local = path.suffix.lower() in {".jsonl", ".json", ".csv", ".parquet", ".toml"} or value.startswith((".", "/", "~"))

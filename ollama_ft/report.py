@@ -24,6 +24,8 @@ COLUMNS = [
     ("convert_seconds", "convert (s)", "{:.1f}"),
     ("quantize_seconds", "quantize (s)", "{:.2f}"),
     ("gguf_mib", "GGUF size (MiB)", "{:.2f}"),
+    ("quant_type", "quantization shipped", "{}"),
+    ("quant_mean_kld", "mean KLD vs F16 (held-out)", "{:.5f}"),
     ("ollama_load_seconds", "Ollama load (s)", "{:.2f}"),
     ("ollama_tokens_per_second", "Ollama generation tokens/s", "{:.1f}"),
     ("eval_pass_rate", "eval pass rate", "{:.1%}"),
@@ -59,6 +61,10 @@ def variant_row(result, speed: dict[str, float]) -> dict[str, Any]:
         "loss_history": t["loss_history"], "data_order_sha256": t.get("data_order_sha256", ""),
         "versions": t.get("versions", {}),
     }
+    quality = m["quantize"].get("quality")
+    row["quant_type"] = m["quantize"].get("quant_type")
+    if quality:
+        row["quant_mean_kld"] = next(c["mean_kld"] for c in quality["candidates"] if c["quant_type"] == row["quant_type"])
     if "eval" in m:
         row["eval_pass_rate"] = m["eval"].get("pass_rate")
         row["eval_held_in_pass_rate"] = m["eval"].get("held_in_pass_rate")

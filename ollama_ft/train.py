@@ -20,14 +20,8 @@ from typing import Callable
 
 from ollama_ft.backends import TrainJob, TrainResult
 from ollama_ft.backends.worker import EVENT_PREFIX, die_with_parent
-from ollama_ft.errors import DataError, OllamaFtError, StageError
+from ollama_ft.errors import DataError, StageError, TrainingInterrupted
 from ollama_ft.runs import atomic_write_json, atomic_write_text
-
-
-class TrainingInterrupted(OllamaFtError):
-    """Ctrl-C during training; a checkpoint was saved and a rerun resumes from it."""
-
-    exit_code = 130
 
 
 @dataclass(frozen=True)

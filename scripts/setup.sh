@@ -2,7 +2,8 @@
 # Set up everything ollama-ft needs on a fresh Linux x86-64 machine (no GPU needed):
 # a virtual environment with the pinned Python packages (llama-cpp-python is built from source,
 # ~6 minutes on 2 cores the first time, then reused from pip's cache), Unsloth, and the two
-# tested Ollama servers built from their Go modules (4-8 minutes each the first time, then cached).
+# tested Ollama servers built from their Go modules (4-8 minutes each the first time, then cached),
+# and llama.cpp's imatrix/quantize/perplexity tools (about 8 minutes the first time, then cached).
 #
 #   scripts/setup.sh            # idempotent: a second run only checks
 #   scripts/setup.sh --demo     # only what scripts/demo.sh needs: no Unsloth, no test tools, one
@@ -64,6 +65,12 @@ if [ $DEMO = 1 ]; then
 else
   step "the Ollama servers (the $(python -c 'from ollama_ft.ollama_server import TESTED_OLLAMA_VERSIONS as v; print(" floor and ".join(v))'), built once per CPU level and cached)"
   python -m ollama_ft.ollama_server install --all
+fi
+
+if [ $DEMO = 0 ]; then
+  step "llama.cpp's imatrix, quantize and perplexity tools, built once from the llama-cpp-python sdist and cached"
+  command -v cmake >/dev/null 2>&1 || python -m pip install -q cmake   # PyPI's cmake, when Debian's is absent
+  python -m ollama_ft.llama_tools install
 fi
 
 step "done: . .venv/bin/activate && ollama-ft --help"

@@ -43,7 +43,7 @@ def pytest_configure(config):
 
 
 # Fixtures that start a real Ollama server or run the real converter and quantizer.
-SLOW_FIXTURES = {"ollama_server", "ollama_servers", "demo_build", "demo_full_build", "tiny_gguf"}
+SLOW_FIXTURES = {"ollama_server", "ollama_servers", "demo_build", "demo_full_build", "tiny_gguf", "llama_tools"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -179,6 +179,15 @@ def ollama_server(request, ollama_servers) -> ServerHandle:
 def _models_of_the_tests_server(request, monkeypatch):
     if "ollama_server" in request.fixturenames:
         monkeypatch.setenv("OLLAMA_MODELS", str(request.getfixturevalue("ollama_server").models_dir))
+
+
+@pytest.fixture(scope="session")
+def llama_tools() -> Path:
+    """llama.cpp's imatrix, quantize and perplexity tools (.ci/run builds them first; this is the
+    fallback for a direct `pytest` run)."""
+    from ollama_ft.llama_tools import install_tools
+
+    return install_tools(lambda line: print(line, file=sys.stderr))
 
 
 @pytest.fixture(scope="session")

@@ -122,3 +122,17 @@ def test_missing_tensorboard_blocks_only_a_recipe_that_logs_to_it(tmp_path: Path
         "[ollama]", "report_to = \"tensorboard\"\n[ollama]"), tmp_path / "r.toml", check_files=False)
     assert doctor_exit_code([row], plain) == 0
     assert doctor_exit_code([row], logging) == 1
+
+
+def test_missing_llama_tools_block_only_a_recipe_that_needs_them(tmp_path: Path, monkeypatch) -> None:
+    from ollama_ft import doctor
+
+    monkeypatch.setenv("OLLAMA_FT_CACHE", str(tmp_path / "empty-cache"))
+    row = _rows(doctor._llama_cpp_checks())["llama.cpp tools"]
+    assert row.status == "missing" and "llama-imatrix, llama-quantize, llama-perplexity not built" in row.detail
+    assert "ollama-ft install-llama-tools" in row.fix
+    plain = _recipe(tmp_path, four_bit=False)
+    matrix = parse_recipe(RECIPE.format(four_bit="false", method="lora").replace(
+        "[ollama]", "[export]\nimatrix = \"auto\"\n[ollama]"), tmp_path / "r.toml", check_files=False)
+    assert doctor_exit_code([row], plain) == 0
+    assert doctor_exit_code([row], matrix) == 1
