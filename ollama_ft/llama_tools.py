@@ -6,7 +6,7 @@ llama-cpp-python sdist vendors the llama.cpp it binds (`vendor/llama.cpp/tools/â
 built from the sdist of the llama-cpp-python that is installed, with CMake, for this CPU, and
 cached like the Ollama server: the tools then read the GGUFs exactly as the binding does.
 
-    python -m ollama_ft.llama_tools install     # or `ollama-ft install-llama-tools`; prints the folder
+    ollama-ft install-llama-tools     # prints the folder; scripts/setup.sh runs it
 """
 
 from __future__ import annotations
@@ -158,18 +158,3 @@ def _run(command: list[str], log: Callable[[str], None]) -> None:
         raise OllamaFtError(f"building llama.cpp's tools failed ({command[0]} {command[1]} exit {proc.returncode})",
                             "see the output above")
 
-
-def main(argv: list[str]) -> int:
-    if argv != ["install"]:
-        print("usage: python -m ollama_ft.llama_tools install", file=sys.stderr)
-        return 2
-    try:
-        print(install_tools(lambda line: print(line, file=sys.stderr)))
-    except OllamaFtError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

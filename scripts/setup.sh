@@ -70,7 +70,7 @@ fi
 if [ $DEMO = 0 ]; then
   step "llama.cpp's imatrix, quantize and perplexity tools, built once from the llama-cpp-python sdist and cached"
   command -v cmake >/dev/null 2>&1 || python -m pip install -q cmake   # PyPI's cmake, when Debian's is absent
-  python -m ollama_ft.llama_tools install
+  ollama-ft install-llama-tools
 fi
 
 step "done: . .venv/bin/activate && ollama-ft --help"
