@@ -1,7 +1,8 @@
 """The `ollama-ft` command: parse arguments, call the library, turn its errors into one line.
 
-Nothing heavy is imported at module level (no torch, no transformers), so `ollama-ft --help`
-is instant; each command imports the library module it needs when it runs.
+Nothing heavy is imported at module level (no torch, no transformers, not even rich), so
+`ollama-ft --help` is instant; each command imports the library module it needs when it runs,
+and ollama_ft/console.py to show the result.
 """
 
 from __future__ import annotations
@@ -50,71 +51,8 @@ def main() -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-class RichReporter:
-    """Shows each stage as it runs, with a progress bar for training and eval."""
-
-    def __init__(self, console, prefix: str = ""):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.console = console
-        self.prefix = prefix
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
-                            transient=True)
-        self.tasks: dict[str, int] = {}
-        self.started = False
-
-    def _start(self) -> None:
-        if not self.started:
-            self.bar.start()
-            self.started = True
-
-    def _stop(self) -> None:
-        if self.started:  # stopping a bar that never started would print an empty line
-            self.bar.stop()
-            self.started = False
-
-    def stage(self, name: str, status: str, detail: str = "") -> None:
-        label = f"{self.prefix}{name}"
-        if status == "start":
-            self.console.print(f"[bold]▶ {label}[/]")
-        elif status == "skip":
-            self.console.print(f"[dim]· {label}: up to date, skipped[/]")
-        elif status == "warn":
-            self.console.print(f"[yellow]warning ({label}):[/] {detail}")
-        elif status == "done":
-            if name in self.tasks:
-                self.bar.remove_task(self.tasks.pop(name))
-                if not self.tasks:
-                    self._stop()
-            self.console.print(f"[green]✔ {label}[/] {detail}")
-
-    def progress(self, name: str, done: int, total: int, detail: str = "") -> None:
-        if name not in self.tasks:
-            self._start()
-            self.tasks[name] = self.bar.add_task(f"{self.prefix}{name}", total=total, detail=detail)
-        self.bar.update(self.tasks[name], completed=done, total=total, detail=detail)
-
-    def close(self) -> None:
-        self._stop()
-
-
 def _print_json(data) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 @main.command()
@@ -138,12 +76,13 @@ def build(recipe: Path, backend: str, force: bool, from_stage: str | None, runs_
           cpu: bool, no_eval: bool, launcher: str, num_processes: int, accelerate_config: Path | None,
           as_json: bool) -> None:
     """Train, merge, convert, quantize and register RECIPE's model in Ollama."""
+    from ollama_ft.console import RichReporter, print_build_summary, stderr_console
     from ollama_ft.pipeline import BuildOptions
     from ollama_ft.pipeline import build as run_build
     from ollama_ft.recipe import load_recipe
 
     loaded = load_recipe(recipe)
-    console = _console()
+    console = stderr_console()
     reporter = RichReporter(console)
     try:
         result = run_build(loaded, BuildOptions(backend=backend, force=force, from_stage=from_stage,
@@ -157,27 +96,7 @@ def build(recipe: Path, backend: str, force: bool, from_stage: str | None, runs_
         _print_json({"run_dir": str(result.run_dir), "model": result.model_name, "host": result.host,
                      "ran": result.ran, "skipped": result.skipped, "metrics": result.metrics})
         return
-    m = result.metrics
-    train = m.get("train", {})
-    console.print()
-    console.print(f"[bold]Built[/] {result.model_name} in {result.run_dir}  "
-                  f"(ran {len(result.ran)} stage(s), skipped {len(result.skipped)})")
-    if train:
-        console.print(f"  train: {train.get('steps')} steps, final loss {train.get('final_loss', 0):.4f}, "
-                      f"{train.get('tokens_per_second', 0):.0f} tokens/s, backend {backend}")
-    q = m.get("quantize", {})
-    if q:
-        console.print(f"  gguf:  {q['gguf_path']} ({_size(q['size_bytes'])}, {q['quant_type']})")
-        if q.get("quality"):
-            shipped = next(c for c in q["quality"]["candidates"] if c["quant_type"] == q["quant_type"])
-            console.print(f"  quant: {q['quant_type']} is the smallest of {len(q['quality']['candidates'])} within "
-                          f"the floor (mean KLD {shipped['mean_kld']:.4f}, top-1 {shipped['top1_agreement']:.1%})"
-                          f"  → {q['quality']['report_md']}")
-    console.print(f"  modelfile: {m.get('modelfile', {}).get('modelfile_path')}")
-    if "eval" in m:
-        console.print(f"  eval: pass rate {m['eval'].get('pass_rate', 0):.0%}  → {m['eval'].get('report_md')}")
-    console.print(f"\n  Chat with it:  [bold cyan]ollama run {result.model_name}[/]"
-                  + (f"   (OLLAMA_HOST={result.host})" if not result.host.endswith(":11434") else ""))
+    print_build_summary(console, result, backend)
 
 
 @main.command()
@@ -199,13 +118,13 @@ def compare(recipe: Path, variants: str, repeat: int, force: bool, reuse: bool, 
     """Build RECIPE with each training backend and report the measured differences."""
     from ollama_ft.compare import compare as run_compare
     from ollama_ft.compare import parse_variants
+    from ollama_ft.console import RichReporter, compare_table, stderr_console
     from ollama_ft.pipeline import BuildOptions
     from ollama_ft.recipe import load_recipe
-    from ollama_ft.report import render_table
 
     names = parse_variants(variants)
     loaded = load_recipe(recipe)
-    console = _console()
+    console = stderr_console()
     reporter = RichReporter(console)
     try:
         report = run_compare(loaded, names, BuildOptions(force=force, runs_root=runs_dir, host=host,
@@ -216,7 +135,7 @@ def compare(recipe: Path, variants: str, repeat: int, force: bool, reuse: bool, 
     if as_json:
         _print_json(report)
         return
-    console.print(render_table(report))
+    console.print(compare_table(report))
     for line in report["verdicts"]:
         console.print(f"  • {line}")
     console.print(f"report: {report['out_dir']}/compare.md (and compare.json, *.png)")
@@ -237,8 +156,9 @@ def compare(recipe: Path, variants: str, repeat: int, force: bool, reuse: bool, 
 def eval_command(model: str, suite: Path | None, baseline: str | None, concurrency: int, host: str | None,
                  out: Path | None, as_json: bool, sample: int | None) -> None:
     """Run an eval suite against MODEL (any model in the Ollama server)."""
+    from ollama_ft.console import RichReporter, eval_table, stderr_console
     from ollama_ft.eval_suite import load_suite
-    from ollama_ft.evaluate import compare_reports, evaluate_model, render_table, write_report
+    from ollama_ft.evaluate import compare_reports, evaluate_model, write_report
     from ollama_ft.ollama_server import normalise_host
     from ollama_ft.resources import bundled
 
@@ -247,7 +167,7 @@ def eval_command(model: str, suite: Path | None, baseline: str | None, concurren
     if sample:
         loaded = loaded.sample(sample)
     host = normalise_host(host)
-    console = _console()
+    console = stderr_console()
     reporter = RichReporter(console)
     try:
         report = evaluate_model(host, model, loaded, concurrency=concurrency,
@@ -267,7 +187,7 @@ def eval_command(model: str, suite: Path | None, baseline: str | None, concurren
             data["delta"] = compare_reports(report, base_report)
         _print_json(data)
         return
-    console.print(render_table(report, baseline=base_report))
+    console.print(eval_table(report, baseline=base_report))
     console.print(f"reports: {md}  {js}")
 
 
@@ -280,7 +200,8 @@ def doctor(recipe: Path | None, host: str | None, runs_dir: Path, as_json: bool)
     """Check what this machine has for each stage; with RECIPE, exit 1 if it lacks what RECIPE needs."""
     from dataclasses import asdict
 
-    from ollama_ft.doctor import doctor_exit_code, render_doctor, run_doctor
+    from ollama_ft.console import doctor_table, stderr_console
+    from ollama_ft.doctor import doctor_exit_code, run_doctor
     from ollama_ft.recipe import load_recipe
 
     loaded = load_recipe(recipe) if recipe else None
@@ -288,7 +209,7 @@ def doctor(recipe: Path | None, host: str | None, runs_dir: Path, as_json: bool)
     if as_json:
         _print_json([asdict(c) for c in checks])
     else:
-        _console().print(render_doctor(checks))
+        stderr_console().print(doctor_table(checks))
     sys.exit(doctor_exit_code(checks, loaded))
 
 
@@ -302,7 +223,8 @@ def estimate(recipe: Path, device_gib: float | None, num_processes: int, as_json
     """Estimate the memory and disk RECIPE needs (weights, gradients, optimizer, activations)."""
     from dataclasses import asdict
 
-    from ollama_ft.estimate import estimate_memory, render_estimate, training_device_bytes
+    from ollama_ft.console import estimate_table, stderr_console
+    from ollama_ft.estimate import estimate_memory, training_device_bytes
     from ollama_ft.recipe import load_recipe
 
     loaded = load_recipe(recipe, check_files=False)
@@ -311,8 +233,8 @@ def estimate(recipe: Path, device_gib: float | None, num_processes: int, as_json
     if as_json:
         _print_json(asdict(est))
         return
-    console = _console()
-    console.print(render_estimate(est))
+    console = stderr_console()
+    console.print(estimate_table(est))
     if est.warning:
         console.print(f"[yellow]warning:[/] {est.warning}")
 

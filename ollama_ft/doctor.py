@@ -1,6 +1,6 @@
 """`ollama-ft doctor`: what this machine has for fine-tuning and shipping to Ollama, and what is missing.
 
-    from ollama_ft.doctor import run_doctor, doctor_exit_code, render_doctor
+    from ollama_ft.doctor import run_doctor, doctor_exit_code
     checks = run_doctor(load_recipe("recipes/tiny-demo.toml"))
 
 Each `Check` is ok, a warning (works, but slower or off the pinned versions) or missing. With a
@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ollama_ft.errors import OllamaFtError
+from ollama_ft.formatting import format_bytes
 from ollama_ft.ollama_server import (BEHAVIOUR_SINCE, OLLAMA_VERSION, TESTED_OLLAMA_VERSIONS, binary_version,
                                       find_ollama_binary, normalise_host, server_features, server_version)
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
     from ollama_ft.recipe import Recipe
 
 CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
@@ -68,10 +67,6 @@ def blocking_checks(checks: list[Check], recipe: Recipe | None) -> list[Check]:
 def doctor_exit_code(checks: list[Check], recipe: Recipe | None = None) -> int:
     """1 when something the recipe (or the install) needs is missing, else 0; warnings never fail."""
     return 1 if blocking_checks(checks, recipe) else 0
-
-
-def _size(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
 
 
 def _python_check() -> Check:
@@ -140,7 +135,7 @@ def _torch_checks(recipe: Recipe | None) -> tuple[list[Check], bool]:
                       "bitsandbytes")], False
     props = torch.cuda.get_device_properties(0)
     bf16 = torch.cuda.is_bf16_supported()
-    checks = [Check("CUDA GPU", "ok", f"{props.name}, {_size(props.total_memory)}, CUDA {torch.version.cuda}",
+    checks = [Check("CUDA GPU", "ok", f"{props.name}, {format_bytes(props.total_memory)}, CUDA {torch.version.cuda}",
                     "", "bitsandbytes"),
               Check("bf16", "ok" if bf16 else ("missing" if recipe and recipe.model.dtype == "bfloat16" else "warning"),
                     "supported" if bf16 else "not supported by this GPU: dtype 'auto' trains in float32",
@@ -259,8 +254,8 @@ def _resource_checks(runs_dir: Path, cuda: bool, recipe: Recipe | None) -> list[
     free = shutil.disk_usage(existing).free
     need_disk = est.disk_bytes if est else 2**30
     checks.append(Check("disk", "ok" if free >= need_disk else "warning",
-                        f"{_size(free)} free at {existing}"
-                        + (f"; the build writes ~{_size(need_disk)}" if est else ""),
+                        f"{format_bytes(free)} free at {existing}"
+                        + (f"; the build writes ~{format_bytes(need_disk)}" if est else ""),
                         "" if free >= need_disk else "free some space or pass another --runs-dir"))
     # Training lives in VRAM on a GPU and in RAM on a CPU: compare the estimate with that one.
     pools = [("RAM", *_ram())] + ([("VRAM", *_vram())] if cuda else [])
@@ -270,8 +265,8 @@ def _resource_checks(runs_dir: Path, cuda: bool, recipe: Recipe | None) -> list[
         need = est.total_bytes if est and (name == "VRAM") == cuda else None
         ok = available >= (need or 2**30)
         fix = "" if ok else memory_advice(recipe, est.breakdown) if need else "close other programs"
-        checks.append(Check(name, "ok" if ok else "warning", f"{_size(available)} free of {_size(total)}"
-                            + (f"; training needs ~{_size(need)}" if need else ""), fix))
+        checks.append(Check(name, "ok" if ok else "warning", f"{format_bytes(available)} free of {format_bytes(total)}"
+                            + (f"; training needs ~{format_bytes(need)}" if need else ""), fix))
     return checks
 
 
@@ -299,18 +294,3 @@ def run_doctor(recipe: Recipe | None = None, *, host: str | None = None, runs_di
     checks += [*torch_checks, _unsloth_check(cuda), *_llama_cpp_checks()]
     checks += _ollama_checks(normalise_host(host or (recipe.ollama.host if recipe else None)))
     return checks + _resource_checks(Path(runs_dir), cuda, recipe)
-
-
-def render_doctor(checks: list[Check]) -> Table:
-    from rich.table import Table
-    from rich.text import Text
-
-    marks = {"ok": ("✔ ok", "green"), "warning": ("! warning", "yellow"), "missing": ("✘ missing", "red")}
-    table = Table(title="ollama-ft doctor")
-    for column in ("check", "status", "detail", "fix"):
-        table.add_column(column)
-    for c in checks:
-        label, style = marks[c.status]
-        # Text, not markup: details hold paths and versions with brackets and colons.
-        table.add_row(Text(c.name), Text(label, style=style), Text(c.detail), Text(c.fix, style="dim"))
-    return table

@@ -1,6 +1,6 @@
 """Estimate, before any heavy work, how much memory training a recipe needs and how much disk the build writes.
 
-    from ollama_ft.estimate import estimate_memory, render_estimate
+    from ollama_ft.estimate import estimate_memory
     est = estimate_memory(load_recipe("recipes/tiny-demo.toml"), device_bytes=16 * 2**30)
 
 The shape comes from the base's `config.json` (or `tiny.SHAPES`), never from loading weights, so
@@ -18,13 +18,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ollama_ft.errors import UserInputError
+from ollama_ft.formatting import format_bytes
 from ollama_ft.recipe import TINY_PREFIX, Recipe
-
-if TYPE_CHECKING:
-    from rich.table import Table
 
 # llama.cpp bits per weight, whole-model averages as `llama-quantize` reports them for 7B Llamas.
 BITS_PER_WEIGHT = {
@@ -188,13 +185,6 @@ def _targets(recipe: Recipe) -> list[str]:
     return list(LLAMA_LINEARS) if wanted == "all-linear" else [t for t in wanted if t in LLAMA_LINEARS]
 
 
-def _size(n: float) -> str:
-    unit = 0
-    while abs(n) >= 1024 and unit < 3:
-        n, unit = n / 1024, unit + 1
-    return f"{int(n)} B" if unit == 0 else f"{n:.1f} {('KiB', 'MiB', 'GiB')[unit - 1]}"
-
-
 def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None, cpu: bool = False,
                     num_processes: int = 1) -> Estimate:
     """Memory to train `recipe` (weights, gradients, optimizer, activations) and disk the build writes.
@@ -279,8 +269,8 @@ def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None, cpu: boo
     if device_bytes is not None:
         est.fits = total <= FIT_HEADROOM * device_bytes
         if not est.fits:
-            est.warning = (f"training needs about {_size(total)} but the device has {_size(device_bytes)}; "
-                           + memory_advice(recipe, breakdown))
+            est.warning = (f"training needs about {format_bytes(total)} but the device has "
+                           f"{format_bytes(device_bytes)}; " + memory_advice(recipe, breakdown))
     return est
 
 
@@ -330,34 +320,6 @@ def memory_advice(recipe: Recipe, b: dict[str, int]) -> str:
     tips.append(((b["activations"] + b["logits"]) / 2, "halve model.max_seq_length"))
     ranked = [text for _, text in sorted(tips, key=lambda tip: -tip[0])]
     return "; ".join(ranked[:3])
-
-
-def render_estimate(est: Estimate) -> Table:
-    """A rich Table: memory rows, total, disk rows; the warning (if any) as its caption."""
-    from rich.table import Table
-    from rich.text import Text
-
-    # Text, not markup: a base such as "tiny:llama" would otherwise become an emoji.
-    table = Table(title=Text(f"Estimate for {est.base}: {est.parameters / 1e6:,.1f}M parameters, "
-                             f"{est.trainable_parameters / 1e6:,.2f}M trainable"))
-    table.add_column("what")
-    table.add_column("size", justify="right")
-    for name, value in est.breakdown.items():
-        table.add_row(name, _size(value))
-    fit = {None: "", True: " [green](fits)[/]", False: " [red](does not fit)[/]"}[est.fits]
-    table.add_row("[bold]training memory[/]", f"[bold]{_size(est.total_bytes)}[/]{fit}", end_section=True)
-    for name, value in est.host_breakdown.items():
-        table.add_row(f"RAM: {name}", _size(value))
-    table.add_row("[bold]RAM after training (peak)[/]", f"[bold]{_size(est.host_bytes)}[/]", end_section=True)
-    for name, value in est.disk_breakdown.items():
-        table.add_row(f"disk: {name}", _size(value))
-    table.add_row("[bold]disk[/]", f"[bold]{_size(est.disk_bytes)}[/]")
-    caption = Text()
-    if est.warning:
-        caption.append(est.warning + "\n", style="red")
-    caption.append("\n".join(est.notes))
-    table.caption = caption if caption.plain.strip() else None
-    return table
 
 
 def training_device_bytes(force_cpu: bool = False) -> tuple[int | None, bool]:

@@ -12,8 +12,6 @@ the whole run at once with an `OllamaError`, since every other case would fail t
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -26,10 +24,11 @@ from pydantic import BaseModel, ConfigDict
 from ollama_ft.errors import OllamaError
 from ollama_ft.eval_checks import CheckResult, build_judge_messages, run_check
 from ollama_ft.eval_suite import Case, JudgeCheck, Options, Suite
+from ollama_ft.formatting import markdown_table
+from ollama_ft.runs import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     import ollama
-    from rich.table import Table
 
 Progress = Callable[[int, int], None]
 
@@ -246,7 +245,13 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def _summary_rows(report: EvalReport, baseline: EvalReport | None) -> list[list[str]]:
+def summary_columns(baseline: EvalReport | None = None) -> list[str]:
+    """The header of `summary_rows`."""
+    return ["category", "passed", "rate"] + (["baseline", "change"] if baseline else [])
+
+
+def summary_rows(report: EvalReport, baseline: EvalReport | None = None) -> list[list[str]]:
+    """One row per category, then (held-in), (held-out) and (overall): for eval-report.md and the terminal."""
     deltas = compare_reports(report, baseline) if baseline else {}
     rows = []
     named = list(report.per_category.items()) + [
@@ -261,29 +266,14 @@ def _summary_rows(report: EvalReport, baseline: EvalReport | None) -> list[list[
     return rows
 
 
-def render_table(report: EvalReport, baseline: EvalReport | None = None) -> Table:
-    """A Rich table of pass rates per category (and the change from `baseline`, if given)."""
-    from rich.table import Table
-
-    table = Table(title=f"{report.model} on {report.suite}")
-    for col in ["category", "passed", "rate"] + (["baseline", "change"] if baseline else []):
-        table.add_column(col, justify="left" if col == "category" else "right")
-    rows = _summary_rows(report, baseline)
-    for i, row in enumerate(rows):
-        table.add_row(*row, end_section=i == len(rows) - 4)
-    return table
-
-
 def _markdown(report: EvalReport, baseline: EvalReport | None) -> str:
-    head = ["category", "passed", "rate"] + (["baseline", "change"] if baseline else [])
     speed = "–" if report.tokens_per_second is None else f"{report.tokens_per_second:.1f}"
     lines = [f"# Eval: {report.model} on {report.suite}", "",
              f"Host {report.host}, started {report.started_at}, {report.duration_s:.1f} s; "
              f"mean {speed} tokens/s; request errors {report.request_errors}, "
              f"judge errors {report.judge_errors}.", "",
-             "Held-in cases reuse prompts from the training data (memorisation); held-out cases do not.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in _summary_rows(report, baseline)]
+             "Held-in cases reuse prompts from the training data (memorisation); held-out cases do not.", ""]
+    lines += markdown_table(summary_columns(baseline), summary_rows(report, baseline))
     failed = [c for c in report.cases if not c.passed]
     lines += ["", f"## Failed cases ({len(failed)})", ""]
     for c in failed:
@@ -298,18 +288,6 @@ def _markdown(report: EvalReport, baseline: EvalReport | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Written beside the target, then renamed: a reader never sees half a report.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: EvalReport, out_dir: str | Path, baseline: EvalReport | None = None) -> tuple[Path, Path]:
     """Write eval-report.md and eval-report.json into out_dir; returns their paths."""
     out = Path(out_dir)
@@ -319,10 +297,8 @@ def write_report(report: EvalReport, out_dir: str | Path, baseline: EvalReport |
     if baseline is not None:
         data["comparison"] = {"baseline_model": baseline.model,
                               "deltas": {k: v.model_dump() for k, v in compare_reports(report, baseline).items()}}
-    import json
-
-    _write_atomic(json_path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
-    _write_atomic(md_path, _markdown(report, baseline))
+    atomic_write_json(json_path, data)
+    atomic_write_text(md_path, _markdown(report, baseline))
     return md_path, json_path
 
 

@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ollama_ft.formatting import markdown_table
 from ollama_ft.runs import RunDir, atomic_write_json, atomic_write_text
 
 # (key in a row, label, format) in the order the table shows them.
@@ -115,30 +116,37 @@ def build_report(recipe, results: dict[str, list], speeds: dict[str, dict], env:
             "noise": noise, "repeats": {v: len(r) for v, r in results.items()}, "verdicts": verdicts}
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def figure_rows(report: dict[str, Any]) -> list[list[str]]:
+    """[label, one cell per variant] for each figure some variant has, then where its training was measured.
+    compare.md and the terminal's table show these rows."""
     names = list(report["variants"])
-    lines = [f"# ollama-ft compare: {', '.join(names)}", "",
-             f"Recipe `{report['recipe']}`, seed {report['seed']}, repeats "
-             + ", ".join(f"{v}×{n}" for v, n in report["repeats"].items()) + ".", "",
-             "| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    rows = []
     for key, label, fmt in COLUMNS:
         cells = []
         for v in names:
             value = report["variants"][v].get(key)
             cells.append("–" if value is None else fmt.format(value))
         if any(c != "–" for c in cells):
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| training measured | " + " | ".join(
+            rows.append([label, *cells])
+    rows.append(["training measured", *(
         f"reused ({report['variants'][v]['training_reused_from']})" if report["variants"][v].get("training_reused_from")
-        else "this run" for v in names) + " |")
+        else "this run" for v in names)])
+    return rows
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    names = list(report["variants"])
+    lines = [f"# ollama-ft compare: {', '.join(names)}", "",
+             f"Recipe `{report['recipe']}`, seed {report['seed']}, repeats "
+             + ", ".join(f"{v}×{n}" for v, n in report["repeats"].items()) + ".", ""]
+    lines += markdown_table(["figure", *names], figure_rows(report))
     lines += ["", "## What differs beyond noise", ""] + [f"- {v}" for v in report["verdicts"]]
     categories = sorted({c for r in report["variants"].values() for c in (r.get("eval_by_category") or {})})
     if categories:
-        lines += ["", "## Eval pass rate by category", "", "| category | " + " | ".join(names) + " |",
-                  "|---|" + "---|" * len(names)]
-        for c in categories:
-            lines.append(f"| {c} | " + " | ".join(
-                f"{(report['variants'][v].get('eval_by_category') or {}).get(c, float('nan')):.1%}" for v in names) + " |")
+        lines += ["", "## Eval pass rate by category", ""]
+        lines += markdown_table(["category", *names], [
+            [c, *(f"{(report['variants'][v].get('eval_by_category') or {}).get(c, float('nan')):.1%}" for v in names)]
+            for c in categories])
     env = report["environment"]
     lines += ["", "## Environment", "", "```", json.dumps(env, indent=1), "```", "",
               "Plots: loss.png, throughput.png, memory.png, stages.png"]
@@ -200,22 +208,3 @@ def write_report(report: dict[str, Any], results, out_dir: Path) -> dict[str, Pa
     atomic_write_json(out_dir / "compare.json", report)
     atomic_write_text(out_dir / "compare.md", render_markdown(report))
     return {"json": out_dir / "compare.json", "md": out_dir / "compare.md", **{p.stem: p for p in plots}}
-
-
-def render_table(report: dict[str, Any]):
-    from rich.table import Table
-
-    names = list(report["variants"])
-    table = Table(title="ollama-ft compare")
-    table.add_column("figure")
-    for v in names:
-        table.add_column(v, justify="right")
-    for key, label, fmt in COLUMNS:
-        cells = [("–" if report["variants"][v].get(key) is None else fmt.format(report["variants"][v][key]))
-                 for v in names]
-        if any(c != "–" for c in cells):
-            table.add_row(label, *cells)
-    table.add_row("training measured", *(f"reused ({report['variants'][v]['training_reused_from']})"
-                                         if report["variants"][v].get("training_reused_from") else "this run"
-                                         for v in names))
-    return table

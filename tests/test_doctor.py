@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft.doctor import Check, blocking_checks, doctor_exit_code, render_doctor, run_doctor
+from ollama_ft.console import doctor_table
+from ollama_ft.doctor import Check, blocking_checks, doctor_exit_code, run_doctor
 from ollama_ft.ollama_server import OLLAMA_VERSION, TESTED_OLLAMA_VERSIONS, OllamaServer, find_ollama_binary, free_port
 from ollama_ft.recipe import parse_recipe
 
@@ -54,7 +55,7 @@ def test_missing_ollama(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     ollama_rows = [rows["Ollama binary"], server]
     assert doctor_exit_code(ollama_rows, None) == 0
     assert doctor_exit_code(ollama_rows, _recipe(tmp_path, four_bit=False)) == 1
-    assert render_doctor(checks).row_count == len(checks)
+    assert doctor_table(checks).row_count == len(checks)
 
 
 def test_present_ollama(tmp_path: Path) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from ollama_ft.console import estimate_table
 from ollama_ft.errors import UserInputError
-from ollama_ft.estimate import estimate_memory, render_estimate
+from ollama_ft.estimate import estimate_memory
 from ollama_ft.recipe import load_recipe, parse_recipe
 from ollama_ft.tiny import SHAPES
 
@@ -91,7 +92,7 @@ def test_fits_and_warning_and_disk() -> None:
     fp32 = estimate_memory(_recipe(model='dtype = "float32"', train='method = "full"'))
     assert fp32.disk_breakdown["merged"] == 2 * fp32.parameters
     assert abs(disk["Q4_K_M GGUF"] / est.parameters * 8 - 4.85) < 0.01
-    table = render_estimate(est)
+    table = estimate_table(est)
     assert table.row_count == len(est.breakdown) + len(est.host_breakdown) + len(est.disk_breakdown) + 3
 
 
@@ -203,7 +204,7 @@ def _rendered(est) -> str:
     from rich.console import Console
 
     console = Console(record=True, width=120)
-    console.print(render_estimate(est))
+    console.print(estimate_table(est))
     return console.export_text()
 
 

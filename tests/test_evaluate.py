@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from ollama_ft import evaluate
+from ollama_ft.console import eval_table
 from ollama_ft.errors import OllamaError
 from ollama_ft.eval_suite import Suite
-from ollama_ft.evaluate import compare_reports, evaluate_model, load_report, render_table, write_report
+from ollama_ft.evaluate import compare_reports, evaluate_model, load_report, write_report
 
 CHAT_OK = {
     "model": "tiny", "created_at": "2025-01-01T00:00:00Z", "done": True, "done_reason": "stop",
@@ -142,7 +143,7 @@ def test_reports_written_atomically_and_compared(server: ScriptedServer, tmp_pat
     assert "Ankara" in js.read_text(encoding="utf-8")  # not \u-escaped
     assert "| factual | 1/1 | 100.0% | 0.0% | +100.0 pt |" in md.read_text(encoding="utf-8")
     assert load_report(js).model_dump() == after.model_dump()
-    table = render_table(after, baseline=before)
+    table = eval_table(after, baseline=before)
     assert [c.header for c in table.columns] == ["category", "passed", "rate", "baseline", "change"]
     assert table.row_count == 4
 
