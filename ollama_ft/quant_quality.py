@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ollama_ft.errors import StageError
+from ollama_ft.formatting import markdown_table
 from ollama_ft.llama_tools import run_tool
 
 if TYPE_CHECKING:
@@ -100,15 +101,18 @@ def render_markdown(figures: list[QualityFigures], chosen: str, floor: str, imat
                     pass_rates: dict[str, float] | None = None) -> str:
     """The size-vs-quality table; with `pass_rates` (eval.candidates) each type's eval pass rate too."""
     rates = pass_rates or {}
+    head = ["type", "size (MiB)", "mean KLD", "KLD p99", "top-1 agreement", "perplexity"]
+    rows = []
+    for f in sorted(figures, key=lambda f: f.size_bytes):
+        row = [f"{f.quant_type}{' ✓' if f.quant_type == chosen else ''}", f"{f.size_bytes / 2**20:.1f}",
+               f"{f.mean_kld:.5f} ± {f.mean_kld_error:.5f}", f"{f.kld_p99:.4f}", f"{f.top1_agreement:.2%}",
+               f"{f.perplexity:.3f}"]
+        if rates:
+            row.append(f"{rates[f.quant_type]:.1%}" if f.quant_type in rates else "–")
+        rows.append(row)
     lines = [f"# Quantization by quality\n", f"Importance matrix: {imatrix}. Floor: {floor}. "
              f"Shipped: **{chosen}**. Reference: F16 perplexity {figures[0].base_perplexity:.3f}.\n",
-             "| type | size (MiB) | mean KLD | KLD p99 | top-1 agreement | perplexity |" + (" eval pass rate |" if rates else ""),
-             "|---|---|---|---|---|---|" + ("---|" if rates else "")]
-    for f in sorted(figures, key=lambda f: f.size_bytes):
-        mark = " ✓" if f.quant_type == chosen else ""
-        rate = (f" {rates[f.quant_type]:.1%} |" if f.quant_type in rates else " – |") if rates else ""
-        lines.append(f"| {f.quant_type}{mark} | {f.size_bytes / 2**20:.1f} | {f.mean_kld:.5f} ± {f.mean_kld_error:.5f} | "
-                     f"{f.kld_p99:.4f} | {f.top1_agreement:.2%} | {f.perplexity:.3f} |{rate}")
+             *markdown_table(head + (["eval pass rate"] if rates else []), rows)]
     return "\n".join(lines) + "\n"
 
 
