@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from ollama_ft.gguf_import import import_gguf
     from ollama_ft.imatrix import ImatrixInput, compute_imatrix, count_tokens
     from ollama_ft.ollama_server import cache_dir
-    from ollama_ft.pipeline import base_tokenizer_config, quality_texts, special_token
+    from ollama_ft.context import base_tokenizer_config, quality_texts, special_token
     from ollama_ft.quant_quality import measure, reference
     from ollama_ft.quantize import QuantizeInput, quantize_gguf
     from ollama_ft.template_match import choose_template

@@ -53,11 +53,20 @@ def measure_ollama_speed(host: str, model: str, max_tokens: int = 64) -> dict[st
 
 
 def _variant_options(base: BuildOptions, variant: str, repeat_index: int = 0, reuse: bool = False) -> BuildOptions:
-    backend, _, mode = variant.partition("-")
+    backend = variant.partition("-")[0]
     name = variant if repeat_index == 0 else f"{variant}-r{repeat_index + 1}"
     from_stage = base.from_stage or (None if reuse or base.force else "train")
-    return replace(base, backend=backend, variant=name, qlora=(mode == "qlora") or None, tag_model=True,
+    return replace(base, backend=backend, variant=name, tag_model=True,
                    skip_eval=base.skip_eval or repeat_index > 0, from_stage=from_stage)
+
+
+def variant_recipe(recipe: Recipe, variant: str) -> Recipe:
+    """The recipe a variant trains: a "-qlora" variant loads the base in 4 bits and trains QLoRA."""
+    if not variant.endswith("-qlora"):
+        return recipe
+    method = "qlora" if recipe.train.method in ("lora", "dora") else recipe.train.method
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"load_in_4bit": True}),
+                                     "train": recipe.train.model_copy(update={"method": method})})
 
 
 def compare(recipe: Recipe, variants: list[str], options: BuildOptions, *, repeat: int = 1,
@@ -74,7 +83,7 @@ def compare(recipe: Recipe, variants: list[str], options: BuildOptions, *, repea
     for variant in variants:
         runs = []
         for index in range(repeat):
-            runs.append(build(recipe, _variant_options(options, variant, index, reuse)))
+            runs.append(build(variant_recipe(recipe, variant), _variant_options(options, variant, index, reuse)))
         results[variant] = runs
         speeds[variant] = measure_ollama_speed(runs[0].host, runs[0].model_name)
     out_dir = out_dir or Path(options.runs_root) / recipe.stem / "compare"

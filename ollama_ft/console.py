@@ -81,25 +81,21 @@ class RichReporter:
 
 def print_build_summary(console: Console, result: BuildResult, backend: str) -> None:
     """What a finished build made, where it is, and the command to chat with it."""
-    m = result.metrics
-    train = m.get("train", {})
+    trained, quantized = result.trained.result, result.quantized
     console.print()
     console.print(f"[bold]Built[/] {result.model_name} in {result.run_dir}  "
                   f"(ran {len(result.ran)} stage(s), skipped {len(result.skipped)})")
-    if train:
-        console.print(f"  train: {train.get('steps')} steps, final loss {train.get('final_loss', 0):.4f}, "
-                      f"{train.get('tokens_per_second', 0):.0f} tokens/s, backend {backend}")
-    q = m.get("quantize", {})
-    if q:
-        console.print(f"  gguf:  {q['gguf_path']} ({format_bytes(q['size_bytes'])}, {q['quant_type']})")
-        if q.get("quality"):
-            shipped = next(c for c in q["quality"]["candidates"] if c["quant_type"] == q["quant_type"])
-            console.print(f"  quant: {q['quant_type']} is the smallest of {len(q['quality']['candidates'])} within "
-                          f"the floor (mean KLD {shipped['mean_kld']:.4f}, top-1 {shipped['top1_agreement']:.1%})"
-                          f"  → {q['quality']['report_md']}")
-    console.print(f"  modelfile: {m.get('modelfile', {}).get('modelfile_path')}")
-    if "eval" in m:
-        console.print(f"  eval: pass rate {m['eval'].get('pass_rate', 0):.0%}  → {m['eval'].get('report_md')}")
+    console.print(f"  train: {trained.steps} steps, final loss {trained.final_loss or 0:.4f}, "
+                  f"{trained.tokens_per_second:.0f} tokens/s, backend {backend}")
+    console.print(f"  gguf:  {quantized.gguf_path} ({format_bytes(quantized.size_bytes)}, {quantized.quant_type})")
+    shipped = quantized.shipped_figures
+    if shipped:
+        console.print(f"  quant: {quantized.quant_type} is the smallest of {quantized.candidate_count} within "
+                      f"the floor (mean KLD {shipped['mean_kld']:.4f}, top-1 {shipped['top1_agreement']:.1%})"
+                      f"  → {quantized.report_md}")
+    console.print(f"  modelfile: {result.modelfile.path}")
+    if result.evaluated:
+        console.print(f"  eval: pass rate {result.evaluated.pass_rate:.0%}  → {result.evaluated.report_md}")
     console.print(f"\n  Chat with it:  [bold cyan]ollama run {result.model_name}[/]"
                   + (f"   (OLLAMA_HOST={result.host})" if not result.host.endswith(":11434") else ""))
 

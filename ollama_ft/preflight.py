@@ -47,7 +47,7 @@ def ollama_problems(host: str, name: str, owned: bool, force: bool,
 def preflight(recipe: Recipe, options, host: str, name: str, run_root: Path) -> Ready:
     """Run every check; raise one PreflightError naming all that failed, else return what they loaded."""
     from ollama_ft.base_model import base_architecture, base_problems
-    from ollama_ft.pipeline import STAGES, require_cuda, require_tensorboard, training_launcher
+    from ollama_ft.pipeline import STAGES
 
     problems: list[OllamaFtError] = []
     found: dict[str, Any] = {}
@@ -83,7 +83,7 @@ def preflight(recipe: Recipe, options, host: str, name: str, run_root: Path) -> 
             raise UserInputError("; ".join(found_problems))
 
     def device() -> None:
-        if recipe.model.load_in_4bit or options.qlora:
+        if recipe.model.load_in_4bit:
             require_cuda("4-bit loading (QLoRA)", options.device)
 
     def llama_tools() -> None:
@@ -98,8 +98,10 @@ def preflight(recipe: Recipe, options, host: str, name: str, run_root: Path) -> 
             raise MissingDependencyError(f"{why} needs llama.cpp's {', '.join(missing)}, not built yet", INSTALL_HINT)
 
     def ollama() -> None:
-        previous = _registered_here(run_root)
-        owned = previous == (name, host)
+        from ollama_ft.runs import RunDir
+        from ollama_ft.stages import registered_here
+
+        owned = registered_here(RunDir(run_root)) == (name, host)
         errors = ollama_problems(host, name, owned, options.force, base_architecture(recipe))
         if errors:
             raise PreflightError(errors)
@@ -120,13 +122,52 @@ def preflight(recipe: Recipe, options, host: str, name: str, run_root: Path) -> 
     return Ready(found["data"], found["launcher"])
 
 
-def _registered_here(run_root: Path) -> tuple[str, str] | None:
-    """(name, host) this run folder registered last, from its register record."""
-    import json
+def require_cuda(what: str, device: str) -> None:
+    """bitsandbytes' 4-bit kernels need a CUDA GPU; say so before training instead of failing in it."""
+    import importlib.util
 
-    record = run_root / "records" / "register.json"
-    try:
-        outputs = json.loads(record.read_text(encoding="utf-8"))["outputs"]
-        return outputs["name"], outputs["host"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    cuda = False
+    if device != "cpu" and importlib.util.find_spec("torch") is not None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        raise UserInputError(f"{what} needs a CUDA GPU, and none is available here",
+                             "set model.load_in_4bit = false and train.method = 'lora' to train on this machine")
+
+
+def require_tensorboard() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        from ollama_ft.errors import MissingDependencyError
+
+        raise MissingDependencyError("train.report_to = 'tensorboard' needs the tensorboard package",
+                                     "pip install 'ollama-ft[tensorboard]', or set train.report_to = 'none'")
+
+
+def training_launcher(options):
+    """The train stage's Launcher, after checking the launcher options fit together."""
+    from ollama_ft.train import Launcher
+
+    if options.launcher not in ("python", "accelerate"):
+        raise UserInputError(f"--launcher {options.launcher!r} is not a launcher", "choose one of: python, accelerate")
+    if options.num_processes < 1:
+        raise UserInputError(f"--num-processes {options.num_processes} must be at least 1", "use --num-processes 2 for two GPUs")
+    if options.launcher == "python" and (options.num_processes > 1 or options.accelerate_config):
+        raise UserInputError("--num-processes and --accelerate-config need --launcher accelerate",
+                             "add --launcher accelerate")
+    if options.launcher == "accelerate" and options.backend == "unsloth" and options.num_processes > 1:
+        raise UserInputError("the unsloth backend trains on one GPU; multi-process training is the peft backend's",
+                             "use --backend peft with --num-processes, or drop --num-processes")
+    if options.num_processes > 1 and options.device != "cpu":
+        from ollama_ft.estimate import visible_gpu_count
+
+        gpus = visible_gpu_count()
+        if 0 < gpus < options.num_processes:   # no GPU at all: the processes train on the CPU
+            raise UserInputError(f"--num-processes {options.num_processes} needs one GPU per process; "
+                                 f"{gpus} visible", f"use --num-processes {gpus}")
+    config = options.accelerate_config
+    if config is not None and not Path(config).is_file():
+        raise UserInputError(f"--accelerate-config {config}: no such file", "write one with `accelerate config`")
+    return Launcher(options.launcher, options.num_processes, str(Path(config).resolve()) if config else None)

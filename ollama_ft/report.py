@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ollama_ft.formatting import markdown_table
-from ollama_ft.runs import RunDir, atomic_write_json, atomic_write_text
+from ollama_ft.runs import atomic_write_json, atomic_write_text
 
 # (key in a row, label, format) in the order the table shows them.
 COLUMNS = [
@@ -41,36 +41,32 @@ def trained_when(result) -> str | None:
 
     if "train" in result.ran:
         return None
-    record = RunDir(result.run_dir).read_record("train")
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(record.finished_at)) if record else "an earlier run"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(result.trained.finished_at))
 
 
 def variant_row(result, speed: dict[str, float]) -> dict[str, Any]:
-    m = result.metrics
-    t = m["train"]
+    t = result.trained.result
     row = {
         "model": result.model_name, "run_dir": str(result.run_dir), "training_reused_from": trained_when(result),
-        "train_seconds": t["train_seconds"], "tokens_per_second": t["tokens_per_second"],
-        "tokens_seen": t["tokens_seen"], "steps": t["steps"],
-        "peak_memory_gib": t["peak_memory_bytes"] / 2**30, "peak_memory_kind": t["peak_memory_kind"],
-        "final_loss": t["final_loss"], "eval_loss": t.get("eval_loss"),
-        "trainable_parameters": t["trainable_parameters"], "total_parameters": t["total_parameters"],
-        "trained_size_mib": t["trained_size_bytes"] / 2**20, "device": t["device_name"],
-        "merge_seconds": m["merge"]["seconds"], "convert_seconds": m["convert"]["seconds"],
-        "quantize_seconds": m["quantize"]["seconds"], "gguf_mib": m["quantize"]["size_bytes"] / 2**20,
+        "train_seconds": t.train_seconds, "tokens_per_second": t.tokens_per_second,
+        "tokens_seen": t.tokens_seen, "steps": t.steps,
+        "peak_memory_gib": t.peak_memory_bytes / 2**30, "peak_memory_kind": t.peak_memory_kind,
+        "final_loss": t.final_loss, "eval_loss": t.eval_loss,
+        "trainable_parameters": t.trainable_parameters, "total_parameters": t.total_parameters,
+        "trained_size_mib": result.trained.trained_size_bytes / 2**20, "device": t.device_name,
+        "merge_seconds": result.merged.seconds, "convert_seconds": result.converted.seconds,
+        "quantize_seconds": result.quantized.seconds, "gguf_mib": result.quantized.size_bytes / 2**20,
         "ollama_load_seconds": speed["load_seconds"], "ollama_tokens_per_second": speed["generation_tokens_per_second"],
-        "loss_history": t["loss_history"], "data_order_sha256": t.get("data_order_sha256", ""),
-        "versions": t.get("versions", {}),
+        "loss_history": t.loss_history, "data_order_sha256": t.data_order_sha256, "versions": t.versions,
+        "quant_type": result.quantized.quant_type,
     }
-    quality = m["quantize"].get("quality")
-    row["quant_type"] = m["quantize"].get("quant_type")
-    if quality:
-        row["quant_mean_kld"] = next(c["mean_kld"] for c in quality["candidates"] if c["quant_type"] == row["quant_type"])
-    if "eval" in m:
-        row["eval_pass_rate"] = m["eval"].get("pass_rate")
-        row["eval_held_in_pass_rate"] = m["eval"].get("held_in_pass_rate")
-        row["eval_held_out_pass_rate"] = m["eval"].get("held_out_pass_rate")
-        row["eval_by_category"] = m["eval"].get("by_category")
+    if result.quantized.shipped_figures:
+        row["quant_mean_kld"] = result.quantized.shipped_figures["mean_kld"]
+    if result.evaluated:
+        row["eval_pass_rate"] = result.evaluated.pass_rate
+        row["eval_held_in_pass_rate"] = result.evaluated.held_in_pass_rate
+        row["eval_held_out_pass_rate"] = result.evaluated.held_out_pass_rate
+        row["eval_by_category"] = result.evaluated.by_category
     return row
 
 
@@ -79,9 +75,9 @@ def _noise(runs) -> dict[str, float]:
     if len(runs) < 2:
         return {}
     out = {}
-    for key, pick in (("tokens_per_second", lambda r: r.metrics["train"]["tokens_per_second"]),
-                      ("train_seconds", lambda r: r.metrics["train"]["train_seconds"]),
-                      ("final_loss", lambda r: r.metrics["train"]["final_loss"])):
+    for key, pick in (("tokens_per_second", lambda r: r.trained.result.tokens_per_second),
+                      ("train_seconds", lambda r: r.trained.result.train_seconds),
+                      ("final_loss", lambda r: r.trained.result.final_loss)):
         values = [pick(r) for r in runs]
         out[key] = statistics.stdev(values)
         out[f"{key}_runs"] = values  # type: ignore[assignment]

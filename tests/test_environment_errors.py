@@ -51,7 +51,7 @@ def test_not_enough_disk_is_said_before_writing(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    from ollama_ft.pipeline import ensure_disk
+    from ollama_ft.stages import ensure_disk
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 9 * 2**30, 2**30))

@@ -161,7 +161,8 @@ def test_per_device_figures_for_several_processes() -> None:
 
 def test_build_warns_before_training_when_the_estimate_exceeds_the_device(monkeypatch) -> None:
     from ollama_ft import estimate
-    from ollama_ft.pipeline import BuildOptions, memory_estimate
+    from ollama_ft.pipeline import BuildOptions
+    from ollama_ft.stages import memory_estimate
 
     monkeypatch.setattr(estimate, "training_device_bytes", lambda force_cpu=False: (64 * 2**20, True))
     found = memory_estimate(load_recipe(DEMO), BuildOptions(device="cpu"))
@@ -210,7 +211,8 @@ def _rendered(est) -> str:
 
 def test_build_warns_before_merge_when_ram_is_short(monkeypatch) -> None:
     from ollama_ft import estimate
-    from ollama_ft.pipeline import BuildOptions, export_ram_warning
+    from ollama_ft.pipeline import BuildOptions
+    from ollama_ft.stages import export_ram_warning
 
     recipe, options = load_recipe(DEMO), BuildOptions(device="cpu")
     need = estimate_memory(recipe, cpu=True).host_bytes

@@ -63,7 +63,7 @@ def gguf_fields(path: Path) -> dict:
 def test_each_type_that_needs_a_matrix_is_refused_without_one_and_made_with_one(demo_full_build, llama_tools,
                                                                                 tmp_path):
     from ollama_ft.imatrix import ImatrixInput, compute_imatrix
-    from ollama_ft.pipeline import quality_texts
+    from ollama_ft.context import quality_texts
     from ollama_ft.template_match import choose_template
 
     f16 = Path(demo_full_build["run_dir"]) / "model-f16.gguf"

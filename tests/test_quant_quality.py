@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from ollama_ft.errors import RecipeError, StageError
 from ollama_ft.imatrix import context_for
-from ollama_ft.pipeline import quality_texts
+from ollama_ft.context import quality_texts
 from ollama_ft.quant_quality import QualityFigures, choose, parse_kld_output
 from ollama_ft.recipe import AUTO_QUANTS, NEEDS_IMATRIX, parse_recipe
 
