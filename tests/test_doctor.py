@@ -58,6 +58,7 @@ def test_missing_ollama(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert doctor_table(checks).row_count == len(checks)
 
 
+@pytest.mark.e2e   # starts a real `ollama serve`
 def test_present_ollama(tmp_path: Path) -> None:
     if find_ollama_binary() is None:
         pytest.skip("no Ollama binary: run `ollama-ft install-ollama`")

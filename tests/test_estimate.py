@@ -122,6 +122,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
 """
 
 
+@pytest.mark.e2e   # a real training run of the demo's shape: 20-40 s on 2 cores
 @pytest.mark.timeout(120)
 def test_estimate_is_within_3x_of_a_real_cpu_run() -> None:
     """Estimate for recipes/tiny-demo.toml (full, float32, batch 16 × 256 tokens, no checkpointing)
