@@ -37,6 +37,21 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _unit_tests_on_one_torch_thread(request):
+    """Unit tests compute on one torch thread too: on two cores shared with other work, two threads
+    wait on each other, and the unit run took 1.5-2x the wall time and CPU. End-to-end tests keep
+    torch's default (their training runs in its own process anyway)."""
+    torch = sys.modules.get("torch")   # imported while collecting; a unit run without torch needs nothing
+    if torch is None or request.node.get_closest_marker("e2e"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "every_ollama: run each test that uses ollama_server once per tested "
                             "Ollama release (ollama_ft.ollama_server.TESTED_OLLAMA_VERSIONS)")
