@@ -6,6 +6,9 @@ module (see ollama_ft/ollama_server.py), with its models in a temporary folder. 
 the 0.11.4 floor; in modules marked `every_ollama` each test that uses it runs once per tested
 release (ids `ollama-0.11.4`, `ollama-0.24.0`). The demo is trained and exported once, on the
 floor; `demo_build` on another server is that same GGUF registered and evaluated there.
+
+A unit test module whose check needs tens of seconds in a fresh process defines `early_process`:
+that process starts when collection ends and runs beside the other tests (`early_result`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,6 +54,62 @@ def _unit_tests_on_one_torch_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class EarlyProcess:
+    """A check's own process, started before the tests that read it. Its output goes to files: a
+    pipe read only at the end could fill and stop it."""
+
+    def __init__(self, early_process):
+        self.folder = Path(tempfile.mkdtemp(prefix="ollama-ft-early-"))
+        self.out, self.err = (open(self.folder / name, "w+", encoding="utf-8") for name in ("stdout", "stderr"))
+        popen = early_process(self.folder)   # keyword arguments for subprocess.Popen
+        self.process = subprocess.Popen(**popen, stdout=self.out, stderr=self.err, text=True)
+
+    def result(self, timeout: float = 900) -> subprocess.CompletedProcess:
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.out.seek(0)
+        self.err.seek(0)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, self.out.read(), self.err.read())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.out.close()
+        self.err.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+EARLY_PROCESSES = pytest.StashKey[dict]()
+
+
+def pytest_collection_finish(session):
+    """Start the early process of each module with a selected test, so it runs beside the others."""
+    if session.config.option.collectonly:
+        return
+    started = session.config.stash.setdefault(EARLY_PROCESSES, {})
+    for module in {item.module for item in session.items if isinstance(item, pytest.Function)}:
+        if getattr(module, "early_process", None) and module.__name__ not in started:
+            started[module.__name__] = EarlyProcess(module.early_process)
+
+
+def pytest_sessionfinish(session):
+    for early in session.config.stash.get(EARLY_PROCESSES, {}).values():
+        early.stop()
+
+
+@pytest.fixture(scope="module")
+def early_result(request) -> subprocess.CompletedProcess:
+    """What this module's early process printed and returned, once it has finished."""
+    started = request.config.stash.setdefault(EARLY_PROCESSES, {})
+    if request.module.__name__ not in started:   # not selected when collection ended
+        started[request.module.__name__] = EarlyProcess(request.module.early_process)
+    return started[request.module.__name__].result()
 
 
 def pytest_configure(config):

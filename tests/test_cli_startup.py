@@ -37,21 +37,36 @@ def test_library_error_is_one_line_with_exit_code_2(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_commands_hide_torchs_deprecation_noise_about_torchao():
-    """Importing peft (which imports torchao) makes torch print two deprecation warnings that a
-    user cannot act on; the CLI's commands keep them out of the terminal. One process (importing
-    peft is most of the time): logging's `warning` is wrapped to see what torch tried to print."""
+# peft imports torchao, and importing torchao makes torch print two deprecation warnings that a
+# user cannot act on; the CLI's commands keep them out of the terminal. Importing torchao takes
+# seconds (peft twice that), so this runs as the module's early process (tests/conftest.py),
+# beside the other tests; logging's `warning` is wrapped to see what torch tried to print.
+TORCHAO_NOISE = """\
+import json, logging
+from click.testing import CliRunner
+from ollama_ft.cli import main
+assert CliRunner().invoke(main, ['doctor', '--help']).exit_code == 0
+tried, warning = [], logging.Logger.warning
+def counting(self, msg, *args, **kwargs):
+    tried.append(str(msg))
+    return warning(self, msg, *args, **kwargs)
+logging.Logger.warning = counting
+try:
+    import torchao
+except ImportError:   # installed with Unsloth; without it there is nothing to hide
+    pass
+print(json.dumps(tried))
+"""
+
+
+def early_process(folder):
+    return {"args": [sys.executable, "-c", TORCHAO_NOISE], "cwd": folder}
+
+
+def test_commands_hide_torchs_deprecation_noise_about_torchao(early_result):
     import pytest
 
-    code = ("import json, logging\nfrom click.testing import CliRunner\nfrom ollama_ft.cli import main\n"
-            "assert CliRunner().invoke(main, ['doctor', '--help']).exit_code == 0\n"
-            "tried, warning = [], logging.Logger.warning\n"
-            "def counting(self, msg, *args, **kwargs):\n"
-            "    tried.append(str(msg))\n"
-            "    return warning(self, msg, *args, **kwargs)\n"
-            "logging.Logger.warning = counting\nimport peft\nprint(json.dumps(tried))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    if not any("register_constant" in message for message in json.loads(out.stdout.splitlines()[-1])):
+    assert early_result.returncode == 0, early_result.stderr
+    if not any("register_constant" in message for message in json.loads(early_result.stdout.splitlines()[-1])):
         pytest.skip("this torch/torchao pair prints no such warning")
-    assert "register_constant" not in out.stderr
+    assert "register_constant" not in early_result.stderr

@@ -1,12 +1,14 @@
 """The Triton kernels of the PEFT backend (ollama_ft/kernels/fused_kernels.py) agree with transformers.
 
 The kernels run on CPU through Triton's interpreter, which has to be on before Triton is
-imported; so the checks below run in a separate `python tests/test_fused_kernels.py BASE WORK
-CHECK...` with TRITON_INTERPRET=1 (one process for all of them: importing transformers and
-PEFT is most of the time), and each test asserts on its check's outcome. Without the interpreter
-the backend drops the three switches on CPU: tests/test_speedups.py checks that in-process.
-Shapes are small and odd (the interpreter runs each program in Python): non-power-of-two widths
-exercise the masks, odd row counts the weight-gradient reduction.
+imported; so the checks below run in a separate `python tests/test_fused_kernels.py WORK CHECK...`
+with TRITON_INTERPRET=1 (one process for all of them: importing transformers and PEFT is most of
+the time), and each test asserts on its check's outcome. That process takes half a minute, so it
+is this module's `early_process` (tests/conftest.py): it starts when collection ends and runs
+beside the other tests. Without the interpreter the backend drops the three switches on CPU:
+tests/test_speedups.py checks that in-process. Shapes are small and odd (the interpreter runs each
+program in Python): non-power-of-two widths exercise the masks, odd row counts the weight-gradient
+reduction.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import traceback
 from collections import Counter
@@ -28,18 +29,25 @@ pytest.importorskip("peft")
 ROOT = Path(__file__).resolve().parent.parent
 SWITCHES = ["fused_rmsnorm", "fused_rope", "fused_swiglu"]
 DTYPES = (torch.float32, torch.bfloat16)
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs Triton")
 
 
-def run_checks(names: list[str], base: Path, work: Path) -> dict[str, dict]:
-    """Run the named checks in one fresh process under Triton's interpreter; name -> {"error":
-    traceback or None, "value": returned}."""
+# patched_lora runs before backend: the backend then finds the rotary function already replaced,
+# which it must count as applied.
+CHECKS = ["rmsnorm", "rotary", "swiglu", "other_families", "patched_lora", "backend"]
+
+
+def early_process(folder: Path) -> dict:
+    """The checks' process under Triton's interpreter; it prints name -> {"error": traceback or
+    None, "value": returned} as its last line."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, __file__, str(base), str(work), *names], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"the checks' process failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return json.loads(done.stdout.splitlines()[-1])   # the trainer prints its logs before
+    return {"args": [sys.executable, __file__, str(folder), *CHECKS], "env": env, "cwd": ROOT}
+
+
+if not HAVE_TRITON:
+    early_process = None   # noqa: F811 -- the tests skip, so nothing to start
 
 
 def outcome(results: dict[str, dict], name: str):
@@ -50,11 +58,10 @@ def outcome(results: dict[str, dict], name: str):
 
 
 @pytest.fixture(scope="module")
-def interpreted(tiny_base, tmp_path_factory) -> dict[str, dict]:
-    # patched_lora runs before backend: the backend then finds the rotary function already replaced,
-    # which it must count as applied.
-    names = ["rmsnorm", "rotary", "swiglu", "other_families", "patched_lora", "backend"]
-    return run_checks(names, tiny_base, tmp_path_factory.mktemp("fused-interpreted"))
+def interpreted(early_result) -> dict[str, dict]:
+    done = early_result
+    assert done.returncode == 0, f"the checks' process failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads(done.stdout.splitlines()[-1])   # the trainer prints its logs before
 
 
 @needs_triton
@@ -264,8 +271,12 @@ def check_backend(base_path: str, work: str) -> dict:
     return {"available": fused_kernels.available("cpu"), "speedups": result.speedups}
 
 
-def main(base_path: str, work: str, *names: str) -> None:
+def main(work: str, *names: str) -> None:
+    from ollama_ft.tiny import ensure_tiny_base
+
     torch.set_num_threads(1)   # the machines running the suite are small and shared
+    # Its own tiny base: the session's is built later, by the first test that needs it.
+    base_path = str(ensure_tiny_base("tiny:llama", Path(work) / "_bases"))
     checks = {"rmsnorm": check_rmsnorm, "rotary": check_rotary, "swiglu": check_swiglu,
               "other_families": check_other_families, "patched_lora": lambda: check_patched_lora(base_path),
               "backend": lambda: check_backend(base_path, work)}
