@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, write_tiny_recipe
 from ollama_ft.errors import StageError
 from ollama_ft.modelfile import ModelfileSpec
 from ollama_ft.prompt_gate import GATE_PREFIX, PromptGateInput, check_prompt_parity, drop_gate_model
@@ -81,31 +81,11 @@ def test_a_different_template_fails_with_both_renders(tiny_gguf, ollama_server):
 
 
 def test_build_with_a_wrong_template_stops_before_register(ollama_server, runs_root, tmp_path):
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join((ROOT / "data" / "turkish-demo.jsonl").read_text(encoding="utf-8").splitlines()[:16])
-                    + "\n", encoding="utf-8")
-    recipe = tmp_path / "parity-wrong.toml"
     # A ChatML TEMPLATE that forgets the system turn, on a model that trained with ChatML's system turns.
-    recipe.write_text(f'''
-[model]
-base = "tiny:llama"
-chat_template = "chatml"
-max_seq_length = 128
-dtype = "float32"
-[data]
-train = "{data}"
-[train]
-method = "full"
-max_steps = 2
-batch_size = 8
-gradient_checkpointing = false
-[ollama]
-name = "parity-wrong"
-template = """{{{{- range .Messages }}}}{{{{ if ne .Role "system" }}}}<|im_start|>{{{{ .Role }}}}
-{{{{ .Content }}}}<|im_end|>
-{{{{ end }}}}{{{{ end }}}}<|im_start|>assistant
-"""
-''', encoding="utf-8")
+    template = ('{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+                "{{ end }}{{ end }}<|im_start|>assistant\n")
+    recipe = write_tiny_recipe(tmp_path, "parity-wrong", model={"chat_template": "chatml"},
+                               ollama={"template": template})
     out = subprocess.run([sys.executable, "-m", "ollama_ft.cli", "build", str(recipe), "--runs-dir", str(runs_root),
                           "--host", ollama_server.host, "--no-eval"], capture_output=True, text=True, timeout=900,
                          cwd=ROOT)

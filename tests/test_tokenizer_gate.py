@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, write_tiny_recipe
 from ollama_ft.errors import StageError
 from ollama_ft.tokenizer_gate import TokenizerGateInput, check_tokenizer, describe_mismatch
 
@@ -87,25 +87,7 @@ def test_a_swapped_vocabulary_fails_naming_the_example(tiny_base, tiny_gguf, tmp
 
 @pytest.mark.e2e
 def test_build_with_a_wrong_tokenizer_stops_before_register(ollama_server, runs_root, tmp_path):
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join((ROOT / "data" / "turkish-demo.jsonl").read_text(encoding="utf-8").splitlines()[:24])
-                    + "\n", encoding="utf-8")
-    recipe = tmp_path / "gate-wrong.toml"
-    recipe.write_text(f'''
-[model]
-base = "tiny:llama"
-max_seq_length = 128
-dtype = "float32"
-[data]
-train = "{data}"
-[train]
-method = "full"
-max_steps = 3
-batch_size = 8
-gradient_checkpointing = false
-[ollama]
-name = "gate-wrong"
-''', encoding="utf-8")
+    recipe = write_tiny_recipe(tmp_path, "gate-wrong", examples=24, train={"max_steps": 3})
 
     def build(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "ollama_ft.cli", "build", str(recipe), "--runs-dir",
