@@ -34,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}   # dense bf16, SXM; the 4N/6N MFU basis
+PROFILE_ENVIRONMENT = ("OLLAMA_FT_TRAINER_CALLBACKS", "PYTHONPATH", "OLLAMA_FT_PROFILE", "OLLAMA_FT_PROFILE_START",
+                       "OLLAMA_FT_PROFILE_STEPS")
 
 
 def device_peak(name: str) -> float | None:
@@ -81,15 +83,22 @@ def run_variant(variant: str, base: Path, data: Path, args, work: Path) -> dict:
                "speedups": switches},
         assistant_only_loss=True, log_path=str(folder / "train.log"))
     profiled = variant in args.profile.split(",")
-    if profiled:   # read by the worker (ollama_ft/backends/profiling.py)
+    saved = {name: os.environ.get(name) for name in PROFILE_ENVIRONMENT}
+    if profiled:   # the worker loads benchmarks/profiling.py's callback, which reads the rest
         # The last two warm-up steps: the profiler's overhead stays out of the timed steps.
-        os.environ.update(OLLAMA_FT_PROFILE=str(folder / "profile"),
+        os.environ.update(OLLAMA_FT_TRAINER_CALLBACKS="benchmarks.profiling:profiler_from_environment",
+                          PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                          OLLAMA_FT_PROFILE=str(folder / "profile"),
                           OLLAMA_FT_PROFILE_START=str(max(1, args.warmup - 2)), OLLAMA_FT_PROFILE_STEPS="2")
     start = time.perf_counter()
     try:
         result = train(TrainInput(job, examples, None, folder))
     finally:
-        os.environ.pop("OLLAMA_FT_PROFILE", None)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     wall = time.perf_counter() - start
     steady = result.steady_tokens_per_second(args.warmup)
     row = {"variant": variant, "backend": backend, "qlora": qlora, "steps": result.steps,

@@ -5,6 +5,7 @@ install and from a checkout on sys.path. tests/test_wheel.py installs the built 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -24,6 +25,14 @@ def test_every_package_under_ollama_ft_is_listed():
     assert listed - on_disk == set(mapped)
     for name, folder in mapped.items():
         assert (folder / "__init__.py").is_file(), f"{folder} needs an __init__.py to be the package {name}"
+
+
+def test_the_product_never_imports_the_benchmarks():
+    # benchmarks/ is not in the wheel: its code (the profiler, say) reaches the trainer only
+    # through OLLAMA_FT_TRAINER_CALLBACKS, in a checkout.
+    importing = [str(p.relative_to(ROOT)) for p in (ROOT / "ollama_ft").rglob("*.py")
+                 if re.search(r"^\s*(from|import) benchmarks\b", p.read_text(encoding="utf-8"), re.MULTILINE)]
+    assert importing == []
 
 
 def test_each_data_folder_ships_the_files_it_holds():

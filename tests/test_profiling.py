@@ -1,11 +1,14 @@
-"""The benchmark profiler: profiles exactly the asked steps and sorts kernels into categories."""
+"""The benchmark profiler (benchmarks/profiling.py): profiles exactly the asked steps and sorts
+kernels into categories; the training worker loads it, or any callback, only when
+OLLAMA_FT_TRAINER_CALLBACKS names it."""
 
 import json
 from types import SimpleNamespace
 
 import pytest
 
-from ollama_ft.backends.profiling import category, make_profiler_callback, profiler_from_environment
+from benchmarks.profiling import category, make_profiler_callback, profiler_from_environment
+from ollama_ft.backends.common import callbacks_from_environment
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -61,3 +64,17 @@ def test_off_unless_asked(monkeypatch, tmp_path):
     assert profiler_from_environment("cpu") is None
     monkeypatch.setenv("OLLAMA_FT_PROFILE", str(tmp_path))
     assert profiler_from_environment("cpu") is not None
+
+
+def test_the_worker_adds_the_callbacks_the_environment_names(monkeypatch, tmp_path):
+    monkeypatch.delenv("OLLAMA_FT_TRAINER_CALLBACKS", raising=False)
+    assert callbacks_from_environment("cpu") == []
+    monkeypatch.setenv("OLLAMA_FT_PROFILE", str(tmp_path))
+    monkeypatch.setenv("OLLAMA_FT_TRAINER_CALLBACKS", " benchmarks.profiling:profiler_from_environment, ")
+    [profiler] = callbacks_from_environment("cpu")
+    assert hasattr(profiler, "on_step_begin")
+    monkeypatch.delenv("OLLAMA_FT_PROFILE")   # the function returns None: nothing is added
+    assert callbacks_from_environment("cpu") == []
+    monkeypatch.setenv("OLLAMA_FT_TRAINER_CALLBACKS", "benchmarks.profiling")
+    with pytest.raises(ValueError, match="'benchmarks.profiling' is not module:function"):
+        callbacks_from_environment("cpu")

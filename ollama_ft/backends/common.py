@@ -8,6 +8,7 @@ only model loading and LoRA wrapping differ between them.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import resource
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ollama_ft.backends import TrainJob, TrainResult
-from ollama_ft.backends.profiling import profiler_from_environment
 
 LINEAR_TARGETS_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -269,6 +269,19 @@ def batch_examples(inputs) -> list[list[int]]:
     return examples
 
 
+def callbacks_from_environment(device: str) -> list:
+    """Extra Trainer callbacks for measurements: OLLAMA_FT_TRAINER_CALLBACKS="module:function,..."
+    names functions called with the device that return a TrainerCallback or None
+    (benchmarks/profiling.py is one)."""
+    callbacks = []
+    for name in filter(None, (n.strip() for n in os.environ.get("OLLAMA_FT_TRAINER_CALLBACKS", "").split(","))):
+        module, colon, function = name.partition(":")
+        if not (module and colon and function):
+            raise ValueError(f"OLLAMA_FT_TRAINER_CALLBACKS: {name!r} is not module:function")
+        callbacks.append(getattr(importlib.import_module(module), function)(device))
+    return [callback for callback in callbacks if callback is not None]
+
+
 class Interrupted(Exception):
     """Training stopped on Ctrl-C after saving a checkpoint."""
 
@@ -293,9 +306,7 @@ def run_sft(job: TrainJob, model, tokenizer, emit, *, device: str, dtype, kind: 
     stop_flag = {"stop": False}
     timeline: list[tuple[int, float, int]] = []
     callbacks = [make_callback(emit, history, stop_flag, timeline)]
-    profiler = profiler_from_environment(device)   # benchmarks only: where a step's time goes
-    if profiler is not None:
-        callbacks.append(profiler)
+    callbacks += callbacks_from_environment(device)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=callbacks, **(trainer_overrides or {}))
     if "fused_ce" in (speedups or []):

@@ -1,7 +1,9 @@
 """Where a training step's time goes: torch.profiler over a few optimizer steps, for benchmarks.
 
-Off unless OLLAMA_FT_PROFILE names a folder (benchmarks/train_throughput.py --profile sets it);
-the worker then profiles steps [OLLAMA_FT_PROFILE_START, +OLLAMA_FT_PROFILE_STEPS) and writes
+benchmarks/train_throughput.py --profile names `benchmarks.profiling:profiler_from_environment`
+in the training worker's OLLAMA_FT_TRAINER_CALLBACKS (ollama_ft/backends/common.py) and sets
+OLLAMA_FT_PROFILE to a folder; the worker then profiles steps [OLLAMA_FT_PROFILE_START,
++OLLAMA_FT_PROFILE_STEPS) and writes
 
     profile.txt   the operators and kernels with the most self time on the device (CPU if none)
     profile.json  wall seconds of the profiled steps, device-busy seconds, and time per category
