@@ -183,7 +183,12 @@ def bake_soft_prompt(inp: BakeInput) -> BakeOutput:
     model.get_input_embeddings().weight = torch.nn.Parameter(new_in)
     model.get_output_embeddings().weight = torch.nn.Parameter(new_out)  # its own tensor: untied
     model.config.vocab_size = vocab
-    model = model.to(getattr(torch, inp.dtype))
+    if inp.dtype == "float16":
+        from ollama_ft.merge import cast_for_export
+
+        model = cast_for_export(model)   # refuses a soft row beyond float16's range
+    else:
+        model = model.to(getattr(torch, inp.dtype))
 
     with atomic_output(Path(inp.out_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
