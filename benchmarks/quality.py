@@ -42,6 +42,7 @@ def held_out_text(suite_path: Path = SUITE) -> str:
 def fine_tune(base: Path, steps: int, folder: Path) -> Path:
     """A short full fine-tune of `base` on the demo data: recipes/tiny-demo.toml's settings, loss on all tokens."""
     from ollama_ft.backends import TrainJob
+    from ollama_ft.recipe import ModelSection, TrainSection
     from ollama_ft.chat_templates import load_family
     from ollama_ft.train import TrainInput, train
 
@@ -51,13 +52,10 @@ def fine_tune(base: Path, steps: int, folder: Path) -> Path:
         backend="peft", base_path=str(base), examples_path=str(folder / "examples.jsonl"), validation_path=None,
         chat_jinja=load_family("chatml").jinja, output_dir=str(folder / "trained"),
         checkpoint_dir=str(folder / "checkpoints"),
-        model={"max_seq_length": 256, "dtype": "float32", "load_in_4bit": False, "trust_remote_code": False},
-        train={"method": "full", "rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear",
-               "num_virtual_tokens": 20, "epochs": 1.0, "max_steps": steps, "learning_rate": 3e-3,
-               "lr_scheduler": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0, "optimizer": "adamw_torch",
-               "batch_size": 16, "gradient_accumulation": 1, "seed": 42, "packing": False,
-               "gradient_checkpointing": False, "assistant_only_loss": False, "logging_steps": 10,
-               "save_steps": 10_000, "report_to": "none"},
+        model=ModelSection(base=str(base), max_seq_length=256, dtype="float32").model_dump(),
+        train=TrainSection(method="full", max_steps=steps, learning_rate=3e-3, lr_scheduler="cosine",
+                           warmup_ratio=0.03, batch_size=16, gradient_checkpointing=False,
+                           assistant_only_loss=False, logging_steps=10, save_steps=10_000).model_dump(),
         assistant_only_loss=False, log_path=str(folder / "train.log"))
     # One thread: B8 needs a trained model, not a fast one, and two torch threads on two shared
     # cores slowed training 10-30x whenever another process was busy (seen on the 2-core CI machine).

@@ -60,6 +60,7 @@ def prepare(shape: str, seq: int, count: int, work: Path) -> tuple[Path, Path]:
 
 def run_variant(variant: str, base: Path, data: Path, args, work: Path) -> dict:
     from ollama_ft.backends import TrainJob
+    from ollama_ft.recipe import ModelSection, TrainSection
     from ollama_ft.chat_templates import load_family
     from ollama_ft.train import TrainInput, train
 
@@ -73,14 +74,12 @@ def run_variant(variant: str, base: Path, data: Path, args, work: Path) -> dict:
         backend=backend, base_path=str(base), examples_path=str(folder / "examples.jsonl"), validation_path=None,
         chat_jinja=load_family("chatml").jinja, output_dir=str(folder / "trained"),
         checkpoint_dir=str(folder / "checkpoints"),
-        model={"max_seq_length": args.seq + 64, "dtype": args.dtype, "load_in_4bit": qlora, "trust_remote_code": False},
-        train={"method": "qlora" if qlora else "lora", "rank": 16, "alpha": 32, "dropout": 0.0,
-               "target_modules": "all-linear", "num_virtual_tokens": 20, "epochs": 1.0, "max_steps": args.steps,
-               "learning_rate": 2e-4, "lr_scheduler": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0,
-               "optimizer": args.optim, "batch_size": args.batch, "gradient_accumulation": args.accum,
-               "seed": 42, "packing": False, "gradient_checkpointing": not args.no_checkpointing,
-               "assistant_only_loss": True, "logging_steps": 1, "save_steps": 10_000, "report_to": "none",
-               "speedups": switches},
+        model=ModelSection(base=str(base), max_seq_length=args.seq + 64, dtype=args.dtype,
+                           load_in_4bit=qlora).model_dump(),
+        train=TrainSection(method="qlora" if qlora else "lora", max_steps=args.steps, optimizer=args.optim,
+                           batch_size=args.batch, gradient_accumulation=args.accum,
+                           gradient_checkpointing=not args.no_checkpointing, assistant_only_loss=True,
+                           logging_steps=1, save_steps=10_000, speedups=switches).model_dump(),
         assistant_only_loss=True, log_path=str(folder / "train.log"))
     profiled = variant in args.profile.split(",")
     saved = {name: os.environ.get(name) for name in PROFILE_ENVIRONMENT}

@@ -187,6 +187,7 @@ def train_tiny(base: Path, work: Path, speedups: list[str], examples: int = 12, 
                **train):
     """The PEFT backend's LoRA training of `base` on the first demo examples, on CPU; `train` overrides settings."""
     from ollama_ft.backends import TrainJob
+    from ollama_ft.recipe import ModelSection, TrainSection
     from ollama_ft.backends.peft_trl import PeftBackend
     from ollama_ft.chat_templates import load_family
 
@@ -197,13 +198,10 @@ def train_tiny(base: Path, work: Path, speedups: list[str], examples: int = 12, 
         backend="peft", base_path=str(base), examples_path=str(path), validation_path=None,
         chat_jinja=load_family("chatml").jinja, output_dir=str(work / "trained"),
         checkpoint_dir=str(work / "checkpoints"),
-        model={"max_seq_length": max_seq_length, "dtype": "float32", "load_in_4bit": False, "trust_remote_code": False},
-        train={"method": "lora", "rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
-               "num_virtual_tokens": 20, "epochs": 1.0, "max_steps": 3, "learning_rate": 1e-2,
-               "lr_scheduler": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0, "optimizer": "adamw_torch",
-               "batch_size": 4, "gradient_accumulation": 1, "seed": 42, "packing": False,
-               "gradient_checkpointing": False, "assistant_only_loss": True, "logging_steps": 1,
-               "save_steps": 1000, "report_to": "none", "speedups": speedups} | train,
+        model=ModelSection(base=str(base), max_seq_length=max_seq_length, dtype="float32").model_dump(),
+        train=TrainSection(**{"rank": 8, "alpha": 16, "max_steps": 3, "learning_rate": 1e-2,
+                              "gradient_checkpointing": False, "assistant_only_loss": True, "logging_steps": 1,
+                              "save_steps": 1000, "speedups": speedups, **train}).model_dump(),
         assistant_only_loss=True, log_path=str(work / "train.log"), device="cpu")
     return PeftBackend().train(job, lambda event: None)
 

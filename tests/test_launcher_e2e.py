@@ -139,6 +139,7 @@ def test_full_fine_tuning_on_two_processes_matches_one(tmp_path):
     from safetensors.torch import load_file
 
     from ollama_ft.backends import TrainJob
+    from ollama_ft.recipe import ModelSection, TrainSection
     from ollama_ft.chat_templates import load_family
     from ollama_ft.tiny import ensure_tiny_base
     from ollama_ft.train import Launcher, TrainInput, train
@@ -152,13 +153,10 @@ def test_full_fine_tuning_on_two_processes_matches_one(tmp_path):
             backend="peft", base_path=str(base), examples_path=str(work / "examples.jsonl"), validation_path=None,
             chat_jinja=load_family("chatml").jinja, output_dir=str(work / "trained"),
             checkpoint_dir=str(work / "checkpoints"),
-            model={"max_seq_length": 256, "dtype": "float32", "load_in_4bit": False, "trust_remote_code": False},
-            train={"method": "full", "rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
-                   "num_virtual_tokens": 20, "epochs": 1.0, "max_steps": 3, "learning_rate": 1e-3,
-                   "lr_scheduler": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0, "optimizer": "adamw_torch",
-                   "batch_size": 4, "gradient_accumulation": accum, "seed": 42, "packing": False,
-                   "gradient_checkpointing": False, "assistant_only_loss": True, "logging_steps": 1,
-                   "save_steps": 1000, "report_to": "none"},
+            model=ModelSection(base=str(base), max_seq_length=256, dtype="float32").model_dump(),
+            train=TrainSection(method="full", rank=8, alpha=16, max_steps=3, learning_rate=1e-3,
+                               gradient_accumulation=accum, gradient_checkpointing=False, assistant_only_loss=True,
+                               logging_steps=1, save_steps=1000).model_dump(),
             assistant_only_loss=True, log_path=str(work / "train.log"), device="cpu")
         launcher = Launcher("accelerate", processes) if processes > 1 else Launcher()
         results[processes] = train(TrainInput(job, examples, None, work, launcher))
