@@ -90,7 +90,7 @@ def test_the_reuse_label_comes_from_the_train_record(tmp_path):
     from ollama_ft.report import trained_when
     from ollama_ft.runs import RunDir, StageRecord
 
-    assert trained_when(SimpleNamespace(ran=["train", "merge"], run_dir=tmp_path)) is None
-    assert trained_when(SimpleNamespace(ran=[], run_dir=tmp_path)) == "an earlier run"   # no record
     RunDir(tmp_path).write_record(StageRecord("train", "fp"))
-    assert trained_when(SimpleNamespace(ran=[], run_dir=tmp_path)) == time.strftime("%Y-%m-%d %H:%M")
+    trained = SimpleNamespace(finished_at=RunDir(tmp_path).read_record("train").finished_at)
+    assert trained_when(SimpleNamespace(ran=["train", "merge"], trained=trained)) is None
+    assert trained_when(SimpleNamespace(ran=[], trained=trained)) == time.strftime("%Y-%m-%d %H:%M")
