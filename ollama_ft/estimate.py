@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ollama_ft.errors import UserInputError
 from ollama_ft.formatting import format_bytes
-from ollama_ft.recipe import TINY_PREFIX, Recipe
+from ollama_ft.recipe import P_TUNING_ENCODER_WIDTH, PROMPT_METHODS, TINY_PREFIX, Recipe
 
 # llama.cpp bits per weight, whole-model averages as `llama-quantize` reports them for 7B Llamas.
 BITS_PER_WEIGHT = {
@@ -213,6 +213,12 @@ def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None, cpu: boo
         if not wide:
             notes.append("full fine-tuning in 16-bit without an fp32 master copy: 8 bytes/parameter; "
                          "mixed precision with a master copy would need 16")
+    elif t.method in PROMPT_METHODS:
+        # Only the soft prompt trains: N vectors, or for P-tuning the encoder MLP that makes them.
+        width = P_TUNING_ENCODER_WIDTH
+        trainable = t.num_virtual_tokens * h + (0 if t.method == "prompt_tuning" else
+                                                 h * width + width * width + width * h + 2 * width + h)
+        weights, grads, optimizer = wbytes * params + 4 * trainable, 4 * trainable, moments * trainable
     else:
         dims, targets = shape.linear_dims(), _targets(recipe)
         if not targets:
@@ -235,7 +241,8 @@ def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None, cpu: boo
     elif num_processes > 1:
         notes.append(f"per device: each of the {num_processes} DDP processes holds the whole model")
 
-    tokens = t.batch_size * m.max_seq_length
+    # A soft prompt's vectors go through every layer in front of each sequence.
+    tokens = t.batch_size * (m.max_seq_length + (t.num_virtual_tokens if t.method in PROMPT_METHODS else 0))
     # Bytes kept for backward per token per layer, 16-bit: attention 8h + 6·kv (norm output, q/k/v,
     # rotated q/k, attention output; SDPA keeps no seq² matrix), gated MLP 2h + 8·I (input, gate, up,
     # silu(gate), product) and 4h for the two RMSNorms. That is ~41h for tiny:llama, ~48h for
@@ -246,7 +253,7 @@ def estimate_memory(recipe: Recipe, *, device_bytes: int | None = None, cpu: boo
         # The fp32 norms and embeddings make the residual stream fp32, and each 4-bit layer keeps a
         # 16-bit copy of its input for backward.
         act_bytes, extra = 4, 2 * sum(a for a, _ in dims.values())
-    elif t.method != "full" and not wide:
+    elif t.method not in ("full", *PROMPT_METHODS) and not wide:
         # peft casts each adapted layer's 16-bit input to the adapters' fp32 and keeps that copy.
         extra = 4 * sum(dims[n][0] for n in _targets(recipe))
     per_token_layer = (act_bytes // 2) * (14 * h + 8 * shape.intermediate_size + 6 * kv) + extra

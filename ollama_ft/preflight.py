@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ollama_ft.errors import OllamaFtError, PreflightError, UserInputError
-from ollama_ft.recipe import Recipe
+from ollama_ft.recipe import PROMPT_METHODS, Recipe
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,9 @@ def preflight(recipe: Recipe, options, host: str, name: str, run_root: Path) -> 
         from ollama_ft.backends import check_backend_available
 
         check_backend_available(options.backend)
+        if options.backend == "unsloth" and recipe.train.method in PROMPT_METHODS:
+            raise UserInputError(f"train.method = {recipe.train.method!r} with the unsloth backend: Unsloth's "
+                                 "get_peft_model makes LoRA adapters only", "use --backend peft for soft prompts")
 
     def from_stage() -> None:
         if options.from_stage and options.from_stage not in STAGES:

@@ -36,8 +36,11 @@ NEEDS_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_x
 AUTO_QUANTS = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "q3_k_m")
 CHAT_TEMPLATES = ("auto", "chatml", "llama3", "llama31", "mistral", "gemma", "phi3", "alpaca")
 ADAPTER_METHODS = ("lora", "qlora", "dora")
-PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
-TRAIN_METHODS = (*ADAPTER_METHODS, "full", *PROMPT_METHODS)
+# Soft prompts: N learned input vectors before the text. The first two are baked into the vocabulary
+# for export (soft_prompt.py); prefix_tuning's per-layer keys and values have no GGUF form.
+PROMPT_METHODS = ("prompt_tuning", "p_tuning")
+TRAIN_METHODS = (*ADAPTER_METHODS, "full", *PROMPT_METHODS, "prefix_tuning")
+P_TUNING_ENCODER_WIDTH = 128   # P-tuning's encoder MLP width: the one PEFT's own P-tuning examples use
 TINY_PREFIX = "tiny:"
 TINY_SHAPES = ("llama", "llama-1b")
 
@@ -88,14 +91,16 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    method: Literal[TRAIN_METHODS] = Field("lora", description="lora | qlora (4-bit base) | dora | full; the "
-                      "prompt-tuning methods train but cannot be exported to GGUF.")
+    method: Literal[TRAIN_METHODS] = Field("lora", description="lora | qlora (4-bit base) | dora | full | "
+                      "prompt_tuning | p_tuning (a soft prompt of num_virtual_tokens vectors, baked into the "
+                      "vocabulary for export).")
     rank: int = Field(16, ge=1, le=4096, description="LoRA rank r: adapter capacity (8–64 typical).")
     alpha: float = Field(32, gt=0, description="LoRA scaling alpha; the update is scaled by alpha/rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters: "
                       "`all-linear` or a list such as [\"q_proj\", \"v_proj\"].")
-    num_virtual_tokens: int = Field(20, ge=1, description="Soft-prompt length for the prompt-tuning methods.")
+    num_virtual_tokens: int = Field(20, ge=1, description="Soft-prompt length for prompt_tuning and p_tuning: the "
+                      "template puts this many extra tokens before every conversation.")
     epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
@@ -220,9 +225,17 @@ class Recipe(_Section):
         if self.train.method == "qlora" and not self.model.load_in_4bit:
             # QLoRA means a 4-bit base; say so rather than silently training 16-bit LoRA.
             problems.append("train.method = 'qlora' needs model.load_in_4bit = true (or use method = 'lora')")
-        if self.train.method in PROMPT_METHODS:
-            problems.append(f"train.method = {self.train.method!r}: soft prompts have no GGUF form, so the model "
-                            "cannot be exported to Ollama; use lora, qlora, dora or full")
+        if self.train.method == "prefix_tuning":
+            problems.append("train.method = 'prefix_tuning': its prompt is a key/value prefix in every layer, which "
+                            "no GGUF or Ollama runner can carry; use prompt_tuning or p_tuning (exported as extra "
+                            "tokens), or lora")
+        if self.train.method in PROMPT_METHODS and self.model.load_in_4bit:
+            problems.append(f"model.load_in_4bit = true with train.method = {self.train.method!r}: a soft prompt "
+                            "trains only its own vectors, and the export bakes them into a 16-bit base; set "
+                            "load_in_4bit = false")
+        if self.train.method in PROMPT_METHODS and self.train.packing:
+            problems.append(f"train.packing = true with train.method = {self.train.method!r}: a packed sequence "
+                            "holds several examples but gets one soft prompt; set packing = false")
         needing = [q for q in self.export.candidates if q in NEEDS_IMATRIX]
         if needing and self.export.imatrix == "none":
             problems.append(f"export.quantization: {', '.join(needing)} need an importance matrix, and "

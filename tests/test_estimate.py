@@ -264,3 +264,21 @@ def test_a_build_shows_both_memory_warnings_before_the_work_they_warn_of(monkeyp
     assert order.index(("merge", "warn")) < order.index(("merge", "done"))
     log = (runs_root / "estimate-warn" / "peft" / "build.log").read_text(encoding="utf-8")
     assert "train warning: training needs about" in log and "merge warning: merge and the GGUF check" in log
+
+
+def test_soft_prompts_train_only_their_vectors_but_backpropagate_through_the_model() -> None:
+    """Prompt tuning trains N x hidden weights, P-tuning its encoder MLP as PEFT builds it; both
+    keep activations for the whole network (the gradient reaches the input) on N more tokens."""
+    from peft import PromptEncoderConfig, TaskType
+    from peft.tuners.p_tuning.model import PromptEncoder
+
+    lora = estimate_memory(_recipe(train='method = "lora"'))
+    prompt = estimate_memory(_recipe(train='method = "prompt_tuning"\nnum_virtual_tokens = 20'))
+    p_tuning = estimate_memory(_recipe(train='method = "p_tuning"\nnum_virtual_tokens = 20'))
+    assert prompt.trainable_parameters == 20 * 2048
+    encoder = PromptEncoder(PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=20, token_dim=2048,
+                                                encoder_hidden_size=128, num_transformer_submodules=1))
+    assert p_tuning.trainable_parameters == sum(p.numel() for p in encoder.parameters())
+    longer = estimate_memory(_recipe(train='method = "prompt_tuning"\nnum_virtual_tokens = 200'))
+    assert prompt.breakdown["activations"] == p_tuning.breakdown["activations"] < longer.breakdown["activations"]
+    assert prompt.breakdown["optimizer"] < lora.breakdown["optimizer"] / 50

@@ -76,7 +76,9 @@ def test_good_recipe_parses_and_resolves_paths(tmp_path):
     (("[ollama]", "[model.x]\n[train]\nmethod = 'full'\n[ollama]", "load4"),
      "model.load_in_4bit = true with train.method = 'full'"),
     (("[ollama]", "[train]\nmethod = 'qlora'\n[ollama]"), "train.method = 'qlora' needs model.load_in_4bit = true"),
-    (("[ollama]", "[train]\nmethod = 'prompt_tuning'\n[ollama]"), "soft prompts have no GGUF form"),
+    (("[ollama]", "[train]\nmethod = 'prefix_tuning'\n[ollama]"), "no GGUF or Ollama runner can carry"),
+    (("[ollama]", "[model.x]\n[train]\nmethod = 'prompt_tuning'\n[ollama]", "load4"),
+     "model.load_in_4bit = true with train.method = 'prompt_tuning'"),
     (("[ollama]", "[eval]\nsuite = 'no-suite.toml'\n[ollama]"), "eval.suite = 'no-suite.toml': no such file"),
     (("[model]\n", ""), "model: required, but missing"),
     (("[ollama]", "[train]\nspeedups = ['fused_cross_entropy']\n[ollama]"), "train.speedups"),
@@ -88,6 +90,14 @@ def test_bad_recipe_is_refused_with_field_value_and_fix(tmp_path, patch, expecte
         text = text.replace("[model.x]\n", "").replace('base = "tiny:llama"', 'base = "tiny:llama"\nload_in_4bit = true')
     problems = _problems(text, tmp_path)
     assert any(expected in p for p in problems), problems
+
+
+def test_soft_prompt_methods_are_accepted(tmp_path):
+    for method in ("prompt_tuning", "p_tuning"):
+        text = GOOD.replace("[ollama]", f"[train]\nmethod = '{method}'\nnum_virtual_tokens = 12\n[ollama]", 1)
+        (tmp_path / "data.jsonl").write_text('{"text": "merhaba"}\n', encoding="utf-8")
+        recipe = parse_recipe(text, tmp_path / "r.toml")
+        assert (recipe.train.method, recipe.train.num_virtual_tokens) == (method, 12)
 
 
 def test_all_problems_reported_at_once(tmp_path):

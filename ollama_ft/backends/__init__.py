@@ -39,7 +39,7 @@ class TrainJob:
 
 @dataclass
 class TrainResult:
-    kind: str                    # "adapter" | "full"
+    kind: str                    # "adapter" | "full" | "soft_prompt" (prompt_tuning, p_tuning)
     output_dir: str
     train_seconds: float
     steps: int

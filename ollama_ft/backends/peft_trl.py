@@ -15,6 +15,22 @@ from ollama_ft.backends.speedups import TRAINER_SWITCHES, resolve_speedups, trai
 KERNEL_SWITCHES = ("fused_rmsnorm", "fused_rope", "fused_swiglu")   # Triton kernels, fused_kernels.py
 
 
+def soft_prompt_config(method: str, num_virtual_tokens: int):
+    """PEFT's config for a prompt_tuning or p_tuning soft prompt of `num_virtual_tokens` vectors.
+
+    Prompt tuning starts from rows sampled from the vocabulary, so its vectors begin at the scale
+    of real embeddings (PEFT's default, N(0, 1) rows, is far larger than any real token's)."""
+    from peft import PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType
+
+    from ollama_ft.recipe import P_TUNING_ENCODER_WIDTH
+
+    if method == "prompt_tuning":
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+    return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
+                               encoder_hidden_size=P_TUNING_ENCODER_WIDTH)
+
+
 def apply_kernel_switches(model, speedups: list[str], device: str) -> list[str]:
     """`speedups` less the Triton switches that did not apply to `model`: all of them where Triton cannot run."""
     requested = [s for s in speedups if s in KERNEL_SWITCHES]
@@ -64,6 +80,13 @@ class PeftBackend:
                            config_overrides=overrides, speedups=[s for s in speedups if s != "fused_lora"])
 
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if t["method"] in ("prompt_tuning", "p_tuning"):
+            # PEFT prepends the prompt itself and drops position ids, so padding-free batches (which
+            # pass position ids) do not apply; the other switches patch LoRA layers or the base.
+            model = get_peft_model(model, soft_prompt_config(t["method"], t["num_virtual_tokens"]))
+            return run_sft(job, model, tokenizer, emit, device=device, dtype=dtype, kind="soft_prompt",
+                           config_overrides={"padding_free": False}, speedups=[])
 
         if job.model["load_in_4bit"] and "no_fp32_upcast" in speedups:
             # What prepare_model_for_kbit_training does, less its cast of every non-4-bit weight
