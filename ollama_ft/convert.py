@@ -15,6 +15,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ollama_ft.errors import StageError
 from ollama_ft.runs import atomic_output
@@ -28,6 +29,9 @@ class ConvertInput:
     tolerance: float          # max |Δlogit| relative to the largest |logit|
     log_path: Path
     source_gguf: Path | None = None   # a GGUF base: its tokenizer metadata goes into the output as is
+    added_tokens: int = 0             # tokens the model has beyond the source's (a baked soft prompt)
+    add_bos: bool | None = None       # overrides the converter's tokenizer.ggml.add_bos_token
+    extra_gate: Callable[[Path], dict] | None = None   # one more check of the written file; figures back
 
 
 @dataclass
@@ -36,6 +40,7 @@ class ConvertOutput:
     size_bytes: int
     max_rel_logit_diff: float
     top1_agreement: float
+    extra_gate: dict | None = None
 
 
 def convert_to_gguf(inp: ConvertInput) -> ConvertOutput:
@@ -47,10 +52,10 @@ def convert_to_gguf(inp: ConvertInput) -> ConvertOutput:
             hint = ("this tokenizer's pre-tokenizer is unknown to llama.cpp; a released model's tokenizer converts"
                     if "pre-tokenizer" in reason else f"full log: {inp.log_path}")
             raise StageError(f"GGUF conversion failed: {reason}", hint) from exc
-        if inp.source_gguf is not None:
+        if inp.source_gguf is not None or inp.add_bos is not None:
             from ollama_ft.gguf_import import write_source_tokenizer
 
-            write_source_tokenizer(inp.source_gguf, tmp)
+            write_source_tokenizer(inp.source_gguf, tmp, inp.added_tokens, inp.add_bos)
         from ollama_ft.quantize import stderr_to
 
         with stderr_to(inp.log_path):   # llama.cpp's context notes and the weight-loading bar go to the log
@@ -59,7 +64,8 @@ def convert_to_gguf(inp: ConvertInput) -> ConvertOutput:
             raise StageError(f"GGUF check failed: F16 GGUF logits differ from the merged model's by {diff:.3g} "
                              f"of their range (allowed {inp.tolerance})",
                              "the converter mis-read this model; check the architecture is supported")
-    return ConvertOutput(inp.out_file, inp.out_file.stat().st_size, diff, agree)
+        extra = inp.extra_gate(tmp) if inp.extra_gate else None
+    return ConvertOutput(inp.out_file, inp.out_file.stat().st_size, diff, agree, extra)
 
 
 def _last_error(log_path: Path) -> str:

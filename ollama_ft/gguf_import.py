@@ -36,7 +36,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -811,25 +811,41 @@ def _llama_cpp_logits(gguf_path: Path, rows: list[list[int]], work: Path):
 
 # ---------------------------------------------------------------- exported GGUF's tokenizer
 
-def write_source_tokenizer(source_gguf: Path, exported_gguf: Path) -> None:
+def write_source_tokenizer(source_gguf: Path | None, exported_gguf: Path, added_tokens: int = 0,
+                           add_bos: bool | None = None) -> None:
     """Give `exported_gguf` the source's `tokenizer.ggml.*` metadata, unchanged; tensors and other keys stay.
 
     A fine-tune of a GGUF base trains on the rebuilt tokenizer, which splits text exactly as the
     source does; carrying the source's own keys keeps what Ollama and llama.cpp read identical
-    (token types, scores, pre-tokenizer name). `tokenizer.chat_template` is the caller's."""
+    (token types, scores, pre-tokenizer name). `tokenizer.chat_template` is the caller's.
+    `added_tokens`: the export appended this many tokens (a baked soft prompt); the source's token
+    lists are extended by the exported file's own entries for them. `add_bos`, when given, replaces
+    `tokenizer.ggml.add_bos_token` (with no source, only that key changes)."""
     import gguf
 
-    source_gguf, exported_gguf = Path(source_gguf), Path(exported_gguf)
-    source, exported = read_gguf(source_gguf), read_gguf(exported_gguf)
-    n_tokens = len(source.value("tokenizer.ggml.tokens") or [])
+    exported_gguf = Path(exported_gguf)
+    exported = read_gguf(exported_gguf)
+    source = read_gguf(Path(source_gguf)) if source_gguf is not None else exported
+    n_tokens = len(source.value("tokenizer.ggml.tokens") or []) + (added_tokens if source is not exported else 0)
     embd = next((t for t in exported.tensors if t.name == "token_embd.weight"), None)
     if embd is not None and embd.dims[1] != n_tokens:
         raise StageError(f"{exported_gguf.name} has {embd.dims[1]} token embeddings but the source "
-                         f"{source_gguf.name} has {n_tokens} tokens", "the vocabulary changed during training")
+                         f"{Path(source.path).name} has {n_tokens - added_tokens} tokens"
+                         + (f" and {added_tokens} were added" if added_tokens else ""),
+                         "the vocabulary changed during training")
+    fields = {name: field for name, field in source.fields.items() if name.startswith("tokenizer.ggml.")}
+    if source is not exported and added_tokens:
+        for name in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            if name in fields and name in exported.fields:
+                fields[name] = replace(fields[name], value=list(fields[name].value) +
+                                       list(exported.fields[name].value)[-added_tokens:])
+    if add_bos is not None:
+        fields["tokenizer.ggml.add_bos_token"] = GgufField(gguf.GGUFValueType.BOOL, None, add_bos)
     with atomic_output(exported_gguf) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=exported.value("general.architecture"))
         _copy_fields(exported, writer, skip=lambda name: name.startswith("tokenizer.ggml."))
-        _copy_fields(source, writer, keep=lambda name: name.startswith("tokenizer.ggml."))
+        for name, field in fields.items():
+            writer.add_key_value(name, field.value, field.type, sub_type=field.sub_type)
         for tensor in exported.tensors:
             writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
                                    tensor.tensor_type)

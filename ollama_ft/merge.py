@@ -1,5 +1,8 @@
 """Stage 2, merge: fold the trained adapter into a 16-bit copy of the base and save it.
 
+A soft prompt (prompt_tuning, p_tuning) has nothing to fold into the weights: it is baked into
+the vocabulary as extra tokens instead (soft_prompt.py), checked against PEFT the same way.
+
 QLoRA adapters are merged into a base loaded in 16/32-bit, never into 4-bit weights (merging into
 quantized weights loses quality). The merged model's logits are checked against the adapter
 model's on sample inputs; a mismatch stops the build. The merged weights are saved in float16, the
@@ -21,7 +24,7 @@ from ollama_ft.runs import atomic_output
 class MergeInput:
     base_path: Path
     trained_path: Path
-    kind: str                 # "adapter" | "full"
+    kind: str                 # "adapter" | "full" | "soft_prompt"
     chat_jinja: str
     sample_texts: list[str]   # rendered prompts used for the logits check
     out_dir: Path
@@ -35,6 +38,7 @@ class MergeOutput:
     tolerance: float
     dtype: str                # what the merge was computed in
     saved_dtype: str = "float16"
+    soft_tokens: object = None   # soft_prompt.SoftTokens: a soft prompt baked in as extra tokens
 
 
 def keep_base_tokenizer(base: Path, out: Path, chat_jinja: str) -> None:
@@ -108,6 +112,11 @@ def merge_adapter(inp: MergeInput) -> MergeOutput:
 
     hf_logging.disable_progress_bar()   # a weight-loading bar per load would break the build's stage lines
 
+    if inp.kind == "soft_prompt":
+        from ollama_ft.soft_prompt import bake_for_export
+
+        soft, check = bake_for_export(inp.base_path, inp.trained_path, inp.out_dir, inp.sample_texts, inp.chat_jinja)
+        return MergeOutput(inp.out_dir, check.max_abs_logit_diff, check.tolerance, "float32", soft_tokens=soft)
     tokenizer = AutoTokenizer.from_pretrained(inp.trained_path, trust_remote_code=inp.trust_remote_code)
     tokenizer.chat_template = inp.chat_jinja
     if inp.kind == "full":

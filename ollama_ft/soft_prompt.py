@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ollama_ft.errors import StageError, UserInputError
 from ollama_ft.runs import atomic_output
@@ -49,6 +50,7 @@ class BakeInput:
     out_dir: Path
     token_format: str = TOKEN_FORMAT
     dtype: str = "float32"    # saved weights; "float16" is the F16 GGUF's type (merge.cast_for_export)
+    chat_jinja: str | None = None   # the training template, for the GGUF's tokenizer.chat_template
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,8 @@ def bake_soft_prompt(inp: BakeInput) -> BakeOutput:
     soft = read_soft_prompt(inp.adapter_dir)
     n, hidden = soft.vectors.shape
     tokenizer = AutoTokenizer.from_pretrained(inp.base_dir)
+    if inp.chat_jinja is not None:
+        tokenizer.chat_template = inp.chat_jinja
     model = AutoModelForCausalLM.from_pretrained(inp.base_dir, dtype=torch.float32)
     if hidden != model.get_input_embeddings().weight.shape[1]:
         raise UserInputError(f"{inp.adapter_dir}: soft prompt width {hidden} does not fit {inp.base_dir} "
@@ -193,7 +197,7 @@ def bake_soft_prompt(inp: BakeInput) -> BakeOutput:
     with atomic_output(Path(inp.out_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        _keep_sentencepiece(Path(inp.base_dir), tmp, tokens, ids)
+        _keep_sentencepiece(Path(inp.base_dir), tmp, tokens, ids, inp.chat_jinja)
         (tmp / "soft_prompt.json").write_text(json.dumps(
             {"method": soft.method, "tokens": tokens, "token_ids": ids, "untied": untied,
              "bos_token": _leading_bos(tokenizer), "generation_guard": OUTPUT_ROWS}, indent=2) + "\n",
@@ -208,7 +212,7 @@ def _leading_bos(tokenizer) -> str | None:
     return tokenizer.convert_ids_to_tokens(ids[0]) if len(ids) > len(plain) and ids[1:] == plain else None
 
 
-def _keep_sentencepiece(base: Path, out: Path, tokens: list[str], ids: list[int]) -> None:
+def _keep_sentencepiece(base: Path, out: Path, tokens: list[str], ids: list[int], chat_jinja: str | None) -> None:
     """A SentencePiece base keeps its own tokenizer files, with the new tokens declared in them.
 
     As merge.keep_base_tokenizer does, and for its reason (llama.cpp's converter reads
@@ -226,6 +230,8 @@ def _keep_sentencepiece(base: Path, out: Path, tokens: list[str], ids: list[int]
     for token, id_ in zip(tokens, ids):
         decoder[str(id_)] = {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
                              "single_word": False, "special": True}
+    if chat_jinja is not None:
+        config["chat_template"] = chat_jinja
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
     if "chat_template" in config:
@@ -275,6 +281,71 @@ def check_bake(inp: CheckInput) -> BakeCheck:
             margin = max(margin, float((got[:, soft_ids].max(-1).values - got[:, :real].max(-1).values).max()))
             positions += len(ids)
     return BakeCheck(worst, inp.tolerance * (scale or 1.0), margin, positions)
+
+
+@dataclass(frozen=True)
+class SoftTokens:
+    """What the stages after the bake need: the tokens the TEMPLATE writes first, and their ids."""
+    tokens: list[str]
+    token_ids: list[int]
+    bos_token: str | None     # written by the TEMPLATE after the tokens; the GGUF then adds no BOS itself
+
+    @property
+    def prefix(self) -> str:
+        """The text Ollama's TEMPLATE starts with, so the runner's first inputs are PEFT's."""
+        return "".join(self.tokens) + (self.bos_token or "")
+
+    @property
+    def num_keep(self) -> int:
+        """Inputs Ollama must keep when it shifts a full context (PARAMETER num_keep)."""
+        return len(self.tokens) + (1 if self.bos_token else 0)
+
+    @classmethod
+    def read(cls, baked_dir: Path) -> SoftTokens:
+        info = json.loads((Path(baked_dir) / "soft_prompt.json").read_text(encoding="utf-8"))
+        return cls(info["tokens"], info["token_ids"], info["bos_token"])
+
+
+# Stops an answer at a sampled soft token, which the output rows already make at most as likely
+# as an average token: defence in depth, as Ollama matches stop strings on generated text.
+STOP_TEXT = TOKEN_FORMAT.split("{")[0]
+
+
+def bake_for_export(base_dir: Path, adapter_dir: Path, out_dir: Path, texts: list[str],
+                    chat_jinja: str | None) -> tuple[SoftTokens, BakeCheck]:
+    """The merge stage for a soft prompt: bake in float32, prove it equals PEFT, save it in float16.
+
+    The gate runs on the float32 bake, where both sides agree to rounding; the float16 copy the
+    converter reads is what merge.cast_for_export writes for LoRA (the F16 GGUF's own rounding)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ollama_ft.merge import cast_for_export
+
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(f".{out_dir.name}.float32")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        bake_soft_prompt(BakeInput(Path(base_dir), Path(adapter_dir), staging, chat_jinja=chat_jinja))
+        check = check_bake(CheckInput(Path(base_dir), Path(adapter_dir), staging, texts))
+        if not check.passed:
+            why = (f"the baked model's logits differ from PEFT's by {check.max_abs_logit_diff:.4g} "
+                   f"(allowed {check.tolerance:.4g})" if check.max_abs_logit_diff > check.tolerance else
+                   f"a soft-prompt token's logit came within {-check.max_soft_margin:.4g} of the best real token's")
+            raise StageError(f"merge: soft-prompt bake check failed: {why}",
+                             "the adapter does not fit this base; retrain, or check model.base")
+        model = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32)
+        with atomic_output(out_dir) as tmp:
+            tmp.mkdir(parents=True)
+            for item in staging.iterdir():
+                if item.is_file() and not item.name.startswith("model"):
+                    shutil.copyfile(item, tmp / item.name)
+            cast_for_export(model).save_pretrained(tmp, safe_serialization=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return SoftTokens.read(out_dir), check
 
 
 @dataclass(frozen=True)
@@ -334,3 +405,24 @@ def gguf_gate(base_dir: Path, adapter_dir: Path, gguf_path: Path, texts: list[st
         agree += int(real.argmax() == ref.argmax())
         margin = max(margin, float(row[soft].max() - real.max()))
     return GgufGate(gguf_path, len(texts), mismatches, worst, rel, agree / max(1, len(texts)), margin)
+
+
+def export_gate(base_dir: Path, adapter_dir: Path, soft: SoftTokens, texts: list[str],
+                tolerance: float) -> Callable[[Path], dict]:
+    """The convert stage's extra check for a baked model: `gguf_gate` must pass on the written file."""
+    def check(gguf_path: Path) -> dict:
+        gate = gguf_gate(base_dir, adapter_dir, gguf_path, texts, soft.tokens, soft.bos_token)
+        if gate.id_mismatches:
+            raise StageError(f"soft-prompt gate: llama.cpp reads the template's soft-prompt prefix differently "
+                             f"from training on {gate.id_mismatches} of {gate.texts} texts",
+                             "the GGUF's tokens or add_bos_token are wrong; nothing was registered")
+        if gate.max_rel_logit_diff > tolerance:
+            raise StageError(f"soft-prompt gate: the GGUF's logits with the soft prompt differ from PEFT's by "
+                             f"{gate.max_rel_logit_diff:.3g} of their range (allowed {tolerance})",
+                             "raise export.logits_tolerance only if the F16 check without the prompt passes too")
+        if gate.max_soft_margin >= 0:
+            raise StageError("soft-prompt gate: a soft-prompt token would be the GGUF's most likely next token",
+                             "retrain; the output rows are meant to keep these tokens below every best real one")
+        return {"texts": gate.texts, "max_rel_logit_diff": gate.max_rel_logit_diff,
+                "top1_agreement": gate.top1_agreement, "max_soft_margin": gate.max_soft_margin}
+    return check

@@ -170,3 +170,45 @@ def test_smollm2_soft_prompt_reaches_the_gguf(tmp_path):
     # The gate can fail: the P-tuning GGUF is not the prompt-tuning adapter's model.
     wrong = gguf_gate(base, adapters["prompt_tuning"], ggufs["p_tuning"], held_out, baked.tokens)
     assert wrong.max_rel_logit_diff > 1e-2, wrong
+
+
+@pytest.fixture(scope="module")
+def bos_base(tiny_base, tmp_path_factory) -> Path:
+    """The tiny Llama with a tokenizer that adds BOS, as Llama's and gemma's do."""
+    folder = tmp_path_factory.mktemp("bos-base") / "base"
+    shutil.copytree(tiny_base, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"add_bos_token": True}))
+    (folder / "tokenizer.json").unlink(missing_ok=True)   # rebuilt from tokenizer.model with the setting
+    return folder
+
+
+def test_a_bos_adding_base_exports_with_the_template_writing_bos_after_the_soft_tokens(bos_base, tmp_path,
+                                                                                     one_torch_thread):
+    """The merge stage's float16 bake and the convert stage's GGUF for a base whose tokenizer adds
+    BOS: the GGUF must add none itself (the TEMPLATE writes it after the soft tokens), and the
+    soft-prompt gate must pass; the converter's own add_bos_token (true) fails it on ids."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ollama_ft.convert import ConvertInput, convert_to_gguf
+    from ollama_ft.errors import StageError
+    from ollama_ft.gguf_import import tokenizer_metadata
+    from ollama_ft.soft_prompt import bake_for_export, export_gate
+
+    adapter = trained(bos_base, "prompt_tuning", tmp_path)
+    soft, check = bake_for_export(bos_base, adapter, tmp_path / "merged", TEXTS, chat_jinja="{{ 'x' }}")
+    assert check.passed and soft.bos_token == "<s>" and soft.num_keep == 9
+    assert soft.prefix == "".join(f"<|soft_prompt_{i}|>" for i in range(8)) + "<s>"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.float16
+    assert not list(tmp_path.glob(".merged*"))   # the float32 staging copy is gone
+    gate = export_gate(bos_base, adapter, soft, TEXTS, 0.05)
+    out = convert_to_gguf(ConvertInput(tmp_path / "merged", tmp_path / "baked.gguf", TEXTS, 0.05,
+                                       tmp_path / "convert.log", added_tokens=8, add_bos=False, extra_gate=gate))
+    assert tokenizer_metadata(out.gguf_path)["tokenizer.ggml.add_bos_token"] is False
+    assert tokenizer_metadata(out.gguf_path)["tokenizer.ggml.token_type"][-8:] == [3] * 8
+    assert out.extra_gate["max_rel_logit_diff"] <= 0.05 and out.extra_gate["max_soft_margin"] < 0, out.extra_gate
+    with pytest.raises(StageError, match="reads the template's soft-prompt prefix differently"):
+        convert_to_gguf(ConvertInput(tmp_path / "merged", tmp_path / "bos-first.gguf", TEXTS, 0.05,
+                                     tmp_path / "convert.log", extra_gate=gate))
+    assert not (tmp_path / "bos-first.gguf").exists()   # a failed gate leaves no file
