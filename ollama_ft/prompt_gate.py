@@ -30,6 +30,7 @@ class PromptGateInput:
     jinja: str                   # the training template
     eos_token: str = ""
     conversations: tuple = ()    # default: template_match.PROBES that end with a question
+    prefix: str = ""             # a baked soft prompt's tokens (soft_prompt.SoftTokens.prefix) before it all
 
 
 @dataclass
@@ -46,7 +47,7 @@ def expected_prompt(inp: PromptGateInput, messages: list[dict]) -> str:
 
     if inp.spec.system and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": inp.spec.system}, *messages]
-    return render(inp.jinja, messages, add_generation_prompt=True, eos_token=inp.eos_token)
+    return inp.prefix + render(inp.jinja, messages, add_generation_prompt=True, eos_token=inp.eos_token)
 
 
 def first_difference(a: str, b: str) -> str:

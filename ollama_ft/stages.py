@@ -182,6 +182,7 @@ class Merged:
     merged_path: Path
     max_abs_logit_diff: float
     size_bytes: int
+    soft: Any = None             # soft_prompt.SoftTokens: a soft prompt baked in as extra tokens
 
 
 def export_ram_warning(recipe, options) -> str | None:
@@ -210,17 +211,23 @@ def merge(ctx: BuildContext, runner: Runner, trained: Trained) -> Merged:
         if warning:
             ctx.warn("merge", warning)
         result = trained.result
-        ensure_disk(ctx.run.root, result.total_parameters * 4 if result.kind == "adapter" else
+        ensure_disk(ctx.run.root, result.total_parameters * 4 if result.kind != "full" else
                     trained.trained_size_bytes, "merge")
         out = merge_adapter(MergeInput(Path(ctx.base.path), trained.output_dir, result.kind, ctx.template.jinja,
                                        ctx.samples, ctx.run.path("merged"), ctx.recipe.model.trust_remote_code))
         return {"merged_path": str(out.merged_path), "max_abs_logit_diff": out.max_abs_logit_diff,
                 "tolerance": out.tolerance, "dtype": out.dtype, "saved_dtype": out.saved_dtype,
-                "size_bytes": tree_size(out.merged_path)}
+                "size_bytes": tree_size(out.merged_path),
+                **({"soft_prompt": asdict(out.soft_tokens)} if out.soft_tokens else {})}
 
     done = runner.stage("merge", key, work, lambda o: Path(o["merged_path"]).exists())
+    soft = done.outputs.get("soft_prompt")
+    if soft:
+        from ollama_ft.soft_prompt import SoftTokens
+
+        soft = SoftTokens(**soft)
     return Merged(key, done.seconds, Path(done.outputs["merged_path"]), done.outputs["max_abs_logit_diff"],
-                  done.outputs["size_bytes"])
+                  done.outputs["size_bytes"], soft or None)
 
 
 # 3. convert (the fine-tune, or the untrained base for the baseline) --------------------------
@@ -235,20 +242,32 @@ class Converted:
     top1_agreement: float
 
 
-def convert(ctx: BuildContext, runner: Runner, model_dir: Path, size_bytes: int, upstream_key: str) -> Converted:
+def convert(ctx: BuildContext, runner: Runner, model_dir: Path, size_bytes: int, upstream_key: str,
+            soft=None) -> Converted:
+    """`soft` (a baked soft prompt's SoftTokens): the GGUF keeps the extra tokens, adds no BOS of
+    its own when the template writes it, and must pass the soft-prompt gate against PEFT too."""
     source_gguf = ctx.base.source_gguf
-    key = fingerprint(upstream_key, ctx.recipe.export.logits_tolerance, "convert-v1",
-                      *([str(source_gguf)] if source_gguf else []))
+    tolerance = ctx.recipe.export.logits_tolerance
+    key = fingerprint(upstream_key, tolerance, "convert-v1", *([str(source_gguf)] if source_gguf else []),
+                      *(["soft-v1"] if soft else []))
 
     def work() -> dict[str, Any]:
         from ollama_ft.convert import ConvertInput, convert_to_gguf
 
         ensure_disk(runner.run.root, size_bytes, "convert")
+        extra: dict[str, Any] = {}
+        if soft:
+            from ollama_ft.soft_prompt import export_gate
+
+            # The reference is PEFT itself: the base with the trained adapter the train stage saved.
+            extra = dict(added_tokens=len(soft.tokens), add_bos=False if soft.bos_token else None,
+                         extra_gate=export_gate(Path(ctx.base.path), ctx.run.path("trained"), soft,
+                                                ctx.samples, tolerance))
         out = convert_to_gguf(ConvertInput(model_dir, runner.run.path("model-f16.gguf"), ctx.samples,
-                                           ctx.recipe.export.logits_tolerance, runner.run.path("convert.log"),
-                                           source_gguf))
+                                           tolerance, runner.run.path("convert.log"), source_gguf, **extra))
         return {"gguf_path": str(out.gguf_path), "size_bytes": out.size_bytes,
-                "max_rel_logit_diff": out.max_rel_logit_diff, "top1_agreement": out.top1_agreement}
+                "max_rel_logit_diff": out.max_rel_logit_diff, "top1_agreement": out.top1_agreement,
+                **({"soft_prompt_gate": out.extra_gate} if out.extra_gate else {})}
 
     done = runner.stage("convert", key, work, lambda o: Path(o["gguf_path"]).exists())
     return Converted(key, done.seconds, Path(done.outputs["gguf_path"]), done.outputs["size_bytes"],
@@ -378,7 +397,8 @@ class TokenizerChecked:
     total: int
 
 
-def tokenizer(ctx: BuildContext, runner: Runner, trained: Trained, quantized: Quantized) -> TokenizerChecked:
+def tokenizer(ctx: BuildContext, runner: Runner, trained: Trained, quantized: Quantized,
+              merged: Merged) -> TokenizerChecked:
     key = fingerprint(quantized.key, quantized.sha256, ctx.data_fp, "tokenizer-v1")
 
     def work() -> dict[str, Any]:
@@ -386,7 +406,7 @@ def tokenizer(ctx: BuildContext, runner: Runner, trained: Trained, quantized: Qu
 
         return asdict(check_tokenizer(TokenizerGateInput(quantized.gguf_path, trained.output_dir, ctx.template.jinja,
                                                          ctx.examples, ctx.sources, ctx.recipe.model.max_seq_length,
-                                                         seed=ctx.recipe.train.seed)))
+                                                         seed=ctx.recipe.train.seed, soft=merged.soft)))
 
     outputs = runner.stage("tokenizer", key, work).outputs
     return TokenizerChecked(outputs["checked"], outputs["total"])
@@ -399,22 +419,36 @@ class Modelfile:
     key: str
     spec: Any                    # modelfile.ModelfileSpec
     path: Path
+    prefix: str = ""             # a baked soft prompt's tokens: the TEMPLATE's first text
 
 
-def modelfile(ctx: BuildContext, runner: Runner, quantized: Quantized) -> Modelfile:
-    from ollama_ft.modelfile import ModelfileSpec, write_modelfile
+def modelfile_spec(ctx: BuildContext, gguf_path: Path, soft=None):
+    """The Modelfile for `gguf_path`. A baked soft prompt's tokens (`soft`) open the TEMPLATE, once
+    per request as PEFT put them once per sequence, and Ollama keeps them when it shifts context."""
+    from ollama_ft.modelfile import ModelfileSpec
 
     recipe, template = ctx.recipe, ctx.template
     parameters: dict[str, Any] = {"num_ctx": recipe.model.max_seq_length, **recipe.ollama.parameters}
-    spec = ModelfileSpec(gguf_path=quantized.gguf_path, template=recipe.ollama.template or template.go_template,
-                         stops=list(template.stop),
+    go_template, stops = recipe.ollama.template or template.go_template, list(template.stop)
+    if soft:
+        from ollama_ft.soft_prompt import STOP_TEXT
+
+        go_template, stops = soft.prefix + go_template, [*stops, STOP_TEXT]
+        parameters["num_keep"] = max(int(parameters.get("num_keep", 0)), soft.num_keep)
+    return ModelfileSpec(gguf_path=gguf_path, template=go_template, stops=stops,
                          system=recipe.ollama.system if recipe.ollama.system is not None else recipe.data.system_prompt,
                          parameters=parameters)
-    key = fingerprint(quantized.key, quantized.sha256, spec.template, spec.stops, spec.system, parameters)
+
+
+def modelfile(ctx: BuildContext, runner: Runner, quantized: Quantized, merged: Merged) -> Modelfile:
+    from ollama_ft.modelfile import write_modelfile
+
+    spec = modelfile_spec(ctx, quantized.gguf_path, merged.soft)
+    key = fingerprint(quantized.key, quantized.sha256, spec.template, spec.stops, spec.system, spec.parameters)
     outputs = runner.stage("modelfile", key,
                            lambda: {"modelfile_path": str(write_modelfile(spec, ctx.run.path("Modelfile")))},
                            lambda o: Path(o["modelfile_path"]).exists()).outputs
-    return Modelfile(key, spec, Path(outputs["modelfile_path"]))
+    return Modelfile(key, spec, Path(outputs["modelfile_path"]), merged.soft.prefix if merged.soft else "")
 
 
 # 8. register: create the model in Ollama, once the prompt-parity gate passes -----------------
@@ -454,7 +488,7 @@ def register(ctx: BuildContext, runner: Runner, written: Modelfile, quantized: Q
 
         def prompt_parity(digest: str):
             return check_prompt_parity(PromptGateInput(host, written.spec, digest, ctx.template.jinja,
-                                                       ctx.template.eos_token))
+                                                       ctx.template.eos_token, prefix=written.prefix))
 
         out = register_model(RegisterInput(name, host, written.spec, force=ctx.options.force or owned,
                                            expected_digest=quantized.sha256, hashed_stat=quantized.hashed_stat,
@@ -526,7 +560,7 @@ def baseline(ctx: BuildContext, runner: Runner, written: Modelfile, quantized: Q
                   fingerprint(ctx.base.fingerprint, ctx.template.jinja, "baseline"))
     single = ctx.recipe.export.model_copy(update={"quantization": quantized.quant_type, "keep_f16": True})
     shipped = quantize(ctx, nested, f16, matrix, export=single)
-    spec = replace(written.spec, gguf_path=shipped.gguf_path)
+    spec = modelfile_spec(ctx, shipped.gguf_path)   # the base has no soft prompt to open its TEMPLATE
     # The baseline tag belongs to this recipe's builds, so replacing it needs no --force.
     nested.stage("register", fingerprint(shipped.key, written.key, name, ctx.host),
                  lambda: {"name": register_model(RegisterInput(name, ctx.host, spec, force=True)).name},

@@ -31,6 +31,7 @@ class TokenizerGateInput:
     max_length: int           # training truncated examples to this many tokens
     sample_limit: int = SAMPLE_LIMIT
     seed: int = 0
+    soft: object = None       # soft_prompt.SoftTokens: the template writes them first, PEFT put them first
 
 
 @dataclass
@@ -41,23 +42,28 @@ class TokenizerGateOutput:
     tokens_checked: int
 
 
-def training_ids(example: dict, tokenizer, chat_jinja: str, max_length: int) -> list[int]:
-    """The ids the trainers fed the model for this example (backends/common.py tokenizes both)."""
+def training_ids(example: dict, tokenizer, chat_jinja: str, max_length: int, soft=None) -> list[int]:
+    """The ids the trainers fed the model for this example (backends/common.py tokenizes both);
+    with a soft prompt, its token ids stand where PEFT put its vectors: before everything."""
     from ollama_ft.backends.common import tokenize_example
 
-    return tokenize_example(example, tokenizer, chat_jinja, assistant_only=False)["input_ids"][:max_length]
+    ids = tokenize_example(example, tokenizer, chat_jinja, assistant_only=False)["input_ids"][:max_length]
+    return (list(soft.token_ids) + ids) if soft else ids
 
 
-def gguf_ids(vocab, example: dict, tokenizer, chat_jinja: str, max_length: int) -> list[int]:
+def gguf_ids(vocab, example: dict, tokenizer, chat_jinja: str, max_length: int, soft=None) -> list[int]:
     """The ids llama.cpp gives the same example, rendered whole, as Ollama's runner tokenizes a prompt."""
+    keep = max_length + (len(soft.token_ids) if soft else 0)
     if example.get("text") is not None:
         # Training adds no BOS to plain text and ends it with EOS.
-        ids = vocab.tokenize(example["text"].encode("utf-8"), add_bos=False, special=True) + [vocab.token_eos()]
+        text = ("".join(soft.tokens) if soft else "") + example["text"]
+        ids = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True) + [vocab.token_eos()]
     else:
         text = tokenizer.apply_chat_template(example["messages"], chat_template=chat_jinja, tokenize=False,
                                              add_generation_prompt=False)
+        text = (soft.prefix if soft else "") + text
         ids = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)  # BOS if the GGUF says so
-    return ids[:max_length]
+    return ids[:keep]
 
 
 def describe_mismatch(source: str, want: list[int], got: list[int], piece) -> str:
@@ -89,8 +95,8 @@ def check_tokenizer(inp: TokenizerGateInput) -> TokenizerGateOutput:
         tokens = 0
         for index in order:
             example = inp.examples[index]
-            want = training_ids(example, tokenizer, inp.chat_jinja, inp.max_length)
-            got = gguf_ids(vocab, example, tokenizer, inp.chat_jinja, inp.max_length)
+            want = training_ids(example, tokenizer, inp.chat_jinja, inp.max_length, inp.soft)
+            got = gguf_ids(vocab, example, tokenizer, inp.chat_jinja, inp.max_length, inp.soft)
             if want != got:
                 raise StageError("tokenizer gate: " + describe_mismatch(inp.sources[index], want, got, piece),
                                  "nothing was registered; the exported tokenizer is not the one training used "

@@ -135,3 +135,40 @@ def test_a_qlora_variant_is_a_changed_recipe_not_a_pipeline_flag() -> None:
     four_bit = variant_recipe(recipe, "unsloth-qlora")
     assert four_bit.model.load_in_4bit and four_bit.train.method == "qlora"
     assert not recipe.model.load_in_4bit and recipe.train.method == "lora"
+
+
+def test_method_variants_train_that_method_at_its_own_learning_rate() -> None:
+    from ollama_ft.compare import METHOD_LEARNING_RATES, parse_variants, variant_recipe
+
+    demo = load_recipe(DEMO)
+    lora = demo.model_copy(update={"train": demo.train.model_copy(update={"method": "lora", "learning_rate": 1e-3})})
+    assert parse_variants("peft-lora,peft-prompt_tuning,peft-p_tuning") == ["peft-lora", "peft-prompt_tuning",
+                                                                           "peft-p_tuning"]
+    assert variant_recipe(lora, "peft-lora") is lora
+    for method in ("prompt_tuning", "p_tuning"):
+        changed = variant_recipe(lora, f"peft-{method}")
+        assert (changed.train.method, changed.train.learning_rate) == (method, METHOD_LEARNING_RATES[method])
+        assert changed.train.num_virtual_tokens == lora.train.num_virtual_tokens and changed.data == lora.data
+    assert variant_recipe(demo, "peft-lora").train.learning_rate == demo.train.learning_rate
+
+
+def test_a_soft_prompt_opens_the_template_once_and_the_baseline_gets_none(tmp_path: Path) -> None:
+    """The prefix goes before the family's template (a .Messages template renders once per
+    request), a sampled soft token would stop the answer, num_keep keeps the prefix (and the BOS
+    the template writes after it) on a context shift; the base the baseline registers has none."""
+    from ollama_ft.soft_prompt import STOP_TEXT, SoftTokens
+    from ollama_ft.stages import modelfile_spec
+    from ollama_ft.template_match import choose_template
+
+    template = choose_template("gemma", None, "tiny:llama")
+    ctx = replace(_context(tmp_path), template=template)
+    soft = SoftTokens(["<|soft_prompt_0|>", "<|soft_prompt_1|>"], [9, 10], "<bos>")
+    spec = modelfile_spec(ctx, tmp_path / "m.gguf", soft)
+    assert spec.template == "<|soft_prompt_0|><|soft_prompt_1|><bos>" + template.go_template
+    assert STOP_TEXT == "<|soft_prompt_" and spec.stops[-1] == STOP_TEXT and spec.parameters["num_keep"] == 3
+    plain = modelfile_spec(ctx, tmp_path / "base.gguf")
+    assert plain.template == template.go_template and STOP_TEXT not in plain.stops
+    assert "num_keep" not in plain.parameters
+    bigger = replace(ctx, recipe=ctx.recipe.model_copy(update={"ollama": ctx.recipe.ollama.model_copy(
+        update={"parameters": {"num_keep": 24}})}))
+    assert modelfile_spec(bigger, tmp_path / "m.gguf", soft).parameters["num_keep"] == 24
