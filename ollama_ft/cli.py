@@ -102,7 +102,8 @@ def build(recipe: Path, backend: str, force: bool, from_stage: str | None, runs_
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--backends", "variants", default="unsloth,peft", show_default=True,
-              help="Comma-separated variants: peft, unsloth, peft-qlora, unsloth-qlora.")
+              help="Comma-separated variants: peft, unsloth, peft-qlora, unsloth-qlora; peft-lora, "
+              "peft-prompt_tuning, peft-p_tuning train that method (LoRA vs soft prompts).")
 @click.option("--repeat", type=click.IntRange(1, 10), default=1, show_default=True,
               help="Train each variant N times to measure run-to-run noise.")
 @click.option("--force", is_flag=True, help="Redo every stage of every variant.")

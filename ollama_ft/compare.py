@@ -1,7 +1,8 @@
 """`ollama-ft compare`: one recipe through several training routes, then one measured report.
 
-Each variant (`peft`, `unsloth`, `peft-qlora`, `unsloth-qlora`) is a full build into its own run
-folder and Ollama tag (`NAME:peft`, …). Every variant is trained again in this invocation, so
+Each variant (`peft`, `unsloth`, `peft-qlora`, `unsloth-qlora`, and the method variants
+`peft-lora`, `peft-prompt_tuning`, `peft-p_tuning`) is a full build into its own run folder and
+Ollama tag (`NAME:peft`, …). Every variant is trained again in this invocation, so
 the figures side by side were measured under the same conditions; `reuse=True` (`--reuse`) keeps
 finished trainings instead, and the report then names each variant whose figures come from an
 earlier run. Everything after training is the same code for every variant, so the differences in
@@ -21,7 +22,11 @@ from ollama_ft.errors import UserInputError
 from ollama_ft.pipeline import BuildOptions, BuildResult, build
 from ollama_ft.recipe import Recipe
 
-VARIANTS = ("peft", "unsloth", "peft-qlora", "unsloth-qlora")
+VARIANTS = ("peft", "unsloth", "peft-qlora", "unsloth-qlora", "peft-lora", "peft-prompt_tuning", "peft-p_tuning")
+# A method variant trains the recipe with another method. A soft prompt's few vectors need a far
+# larger step than LoRA's (PEFT's guides: 3e-2 for prompt tuning; P-tuning's encoder MLP, 1e-3),
+# so a method variant that changes the method takes that method's rate, not the recipe's.
+METHOD_LEARNING_RATES = {"lora": None, "prompt_tuning": 3e-2, "p_tuning": 1e-3}
 SPEED_PROMPT = [{"role": "user", "content": "Türkiye'nin en kalabalık şehri hangisidir? Kısaca anlat."}]
 
 
@@ -61,7 +66,14 @@ def _variant_options(base: BuildOptions, variant: str, repeat_index: int = 0, re
 
 
 def variant_recipe(recipe: Recipe, variant: str) -> Recipe:
-    """The recipe a variant trains: a "-qlora" variant loads the base in 4 bits and trains QLoRA."""
+    """The recipe a variant trains: a "-qlora" variant loads the base in 4 bits and trains QLoRA;
+    "-lora", "-prompt_tuning" and "-p_tuning" train that method (METHOD_LEARNING_RATES)."""
+    method = variant.partition("-")[2]
+    if method in METHOD_LEARNING_RATES and method != recipe.train.method:
+        update: dict[str, Any] = {"method": method}
+        if METHOD_LEARNING_RATES[method]:
+            update["learning_rate"] = METHOD_LEARNING_RATES[method]
+        return recipe.model_copy(update={"train": recipe.train.model_copy(update=update)})
     if not variant.endswith("-qlora"):
         return recipe
     method = "qlora" if recipe.train.method in ("lora", "dora") else recipe.train.method
