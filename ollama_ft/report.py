@@ -20,7 +20,7 @@ COLUMNS = [
     ("final_loss", "final train loss", "{:.4f}"),
     ("eval_loss", "validation loss", "{:.4f}"),
     ("trainable_parameters", "trainable parameters", "{:,}"),
-    ("trained_size_mib", "adapter / trained size (MiB)", "{:.2f}"),
+    ("trained_size_mib", "adapter / trained weights (MiB)", "{:.2f}"),
     ("merge_seconds", "merge (s)", "{:.1f}"),
     ("convert_seconds", "convert (s)", "{:.1f}"),
     ("quantize_seconds", "quantize (s)", "{:.2f}"),

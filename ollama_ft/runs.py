@@ -91,6 +91,14 @@ def tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_size(folder: Path) -> int:
+    """Bytes of the weight files in `folder`: an adapter's own size, without the tokenizer saved beside it."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
 def clean_partials(folder: Path) -> list[Path]:
     """Remove leftovers of killed writes (`.name.partial-PID`, `.name.XXXX.tmp`)."""
     removed = []

@@ -18,7 +18,8 @@ from typing import Any, Callable
 from ollama_ft.context import BuildContext, quality_texts
 from ollama_ft.errors import OllamaFtError
 from ollama_ft.formatting import format_bytes
-from ollama_ft.runs import RunDir, StageRecord, atomic_write_json, file_digest, file_stat, fingerprint, tree_size
+from ollama_ft.runs import (RunDir, StageRecord, atomic_write_json, file_digest, file_stat, fingerprint, tree_size,
+                            weights_size)
 
 
 class Runner:
@@ -164,7 +165,7 @@ def train(ctx: BuildContext, runner: Runner) -> Trained:
             out["memory_estimate"] = estimate
             out["peak_memory_vs_estimate"] = result.peak_memory_bytes / estimate["total_bytes"]
         out.update(data=ctx.data.summary(), family=ctx.template.family, chat_template=ctx.template.name,
-                   trained_size_bytes=tree_size(Path(result.output_dir)))
+                   trained_size_bytes=weights_size(Path(result.output_dir)))
         shutil.rmtree(checkpoints, ignore_errors=True)  # the finished output supersedes them
         return out
 
