@@ -135,11 +135,15 @@ def compare(recipe: Path, variants: str, repeat: int, force: bool, reuse: bool, 
         reporter.close()
     if as_json:
         _print_json(report)
-        return
-    console.print(compare_table(report))
-    for line in report["verdicts"]:
-        console.print(f"  • {line}")
-    console.print(f"report: {report['out_dir']}/compare.md (and compare.json, *.png)")
+    else:
+        console.print(compare_table(report))
+        for line in report["verdicts"]:
+            console.print(f"  • {line}")
+        console.print(f"report: {report['out_dir']}/compare.md (and compare.json, *.png)")
+    if report.get("failed"):
+        for variant, message in report["failed"].items():
+            console.print(f"[red]error:[/] {variant} did not finish: {message}")
+        raise SystemExit(1)
 
 
 @main.command("eval")

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ollama_ft.errors import UserInputError
+from ollama_ft.errors import StageError, UserInputError
 from ollama_ft.pipeline import BuildOptions, BuildResult, build
 from ollama_ft.recipe import Recipe
 
@@ -92,14 +92,23 @@ def compare(recipe: Recipe, variants: list[str], options: BuildOptions, *, repea
         check_backend_available(variant.partition("-")[0])
     results: dict[str, list[BuildResult]] = {}
     speeds: dict[str, dict[str, float]] = {}
+    failed: dict[str, str] = {}
     for variant in variants:
-        runs = []
-        for index in range(repeat):
-            runs.append(build(variant_recipe(recipe, variant), _variant_options(options, variant, index, reuse)))
+        try:
+            runs = [build(variant_recipe(recipe, variant), _variant_options(options, variant, index, reuse))
+                    for index in range(repeat)]
+        except StageError as exc:
+            # A stage's gate refused this variant's model (a soft prompt that never stops, say): that
+            # is a finding about the variant, so the others are still measured and it is reported.
+            failed[variant] = exc.one_line()
+            continue
         results[variant] = runs
         speeds[variant] = measure_ollama_speed(runs[0].host, runs[0].model_name)
+    if not results:
+        raise StageError(f"compare: every variant failed; {variants[0]}: {failed[variants[0]]}")
     out_dir = out_dir or Path(options.runs_root) / recipe.stem / "compare"
     report = build_report(recipe, results, speeds, environment())
+    report["failed"] = failed
     write_report(report, results, out_dir)
     report["out_dir"] = str(out_dir)
     return report

@@ -136,6 +136,9 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"Recipe `{report['recipe']}`, seed {report['seed']}, repeats "
              + ", ".join(f"{v}×{n}" for v, n in report["repeats"].items()) + ".", ""]
     lines += markdown_table(["figure", *names], figure_rows(report))
+    if report.get("failed"):
+        lines += ["", "## Variants that did not finish", ""]
+        lines += [f"- {variant}: {message}" for variant, message in report["failed"].items()]
     lines += ["", "## What differs beyond noise", ""] + [f"- {v}" for v in report["verdicts"]]
     categories = sorted({c for r in report["variants"].values() for c in (r.get("eval_by_category") or {})})
     if categories:

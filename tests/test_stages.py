@@ -172,3 +172,46 @@ def test_a_soft_prompt_opens_the_template_once_and_the_baseline_gets_none(tmp_pa
     bigger = replace(ctx, recipe=ctx.recipe.model_copy(update={"ollama": ctx.recipe.ollama.model_copy(
         update={"parameters": {"num_keep": 24}})}))
     assert modelfile_spec(bigger, tmp_path / "m.gguf", soft).parameters["num_keep"] == 24
+
+
+def test_compare_measures_the_other_variants_when_a_stage_refuses_one(tmp_path: Path, monkeypatch) -> None:
+    """A soft prompt that never stops fails the smoke stage: the report still has the variants that
+    finished, names the one that did not and why; only when every variant fails does compare raise."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from ollama_ft import compare as compare_module
+    from ollama_ft.errors import StageError
+
+    recipe = load_recipe(DEMO)
+    built = []
+
+    def fake_build(changed, options):
+        if changed.train.method == "prompt_tuning":
+            raise StageError("smoke test: m did not stop within 128 tokens", "check the template")
+        built.append(options.variant)
+        return SimpleNamespace(host="h", model_name=f"m:{options.variant}")
+
+    captured = {}
+    monkeypatch.setattr(compare_module, "build", fake_build)
+    monkeypatch.setattr(compare_module, "measure_ollama_speed", lambda host, model: {})
+    monkeypatch.setattr("ollama_ft.report.build_report", lambda recipe, results, speeds, env: {"variants": results})
+    monkeypatch.setattr("ollama_ft.report.write_report", lambda report, results, out: captured.update(report))
+    report = compare_module.compare(recipe, ["peft-lora", "peft-prompt_tuning"],
+                                    BuildOptions(reporter=Events(), runs_root=tmp_path))
+    assert built == ["peft-lora"] and list(report["variants"]) == ["peft-lora"]
+    assert report["failed"] == {"peft-prompt_tuning": "smoke test: m did not stop within 128 tokens (check the template)"}
+    assert captured["failed"] == report["failed"]
+    with pytest.raises(StageError, match="every variant failed; peft-prompt_tuning: smoke test"):
+        compare_module.compare(recipe, ["peft-prompt_tuning"], BuildOptions(reporter=Events(), runs_root=tmp_path))
+
+
+def test_the_report_names_the_variants_that_did_not_finish() -> None:
+    from ollama_ft.report import render_markdown
+
+    report = {"recipe": "r.toml", "seed": 1, "repeats": {"peft-lora": 1}, "verdicts": [], "environment": {},
+              "variants": {"peft-lora": {"train_seconds": 3.0, "training_reused_from": None}},
+              "failed": {"peft-p_tuning": "smoke test: did not stop"}}
+    text = render_markdown(report)
+    assert "## Variants that did not finish\n\n- peft-p_tuning: smoke test: did not stop" in text
