@@ -10,12 +10,14 @@ PY=${PY:-.venv/bin/python}
 WHL=.whl/cp312
 SITE=.gpu/site
 pin() { grep -i "^$1==" constraints.txt | head -1; }
+# pydantic accepts one pydantic-core version only; take the one installed beside it here.
+pydantic_core_version() { "$PY" -c 'import importlib.metadata as m; print(m.version("pydantic-core"))'; }
 mkdir -p "$WHL" .gpu
 rm -rf "$SITE"
 pkgs=(
   "$(pin unsloth)" "$(pin unsloth-zoo)" "$(pin trl)" "$(pin datasets)" "$(pin bitsandbytes)"
   "$(pin tyro)" "$(pin cut-cross-entropy)" "$(pin msgspec)" "$(pin json5)" "$(pin nest-asyncio)"
-  "$(pin structlog)" "$(pin pydantic)" pydantic-core annotated-types typing-inspection
+  "$(pin structlog)" "$(pin pydantic)" "pydantic-core==$(pydantic_core_version)" annotated-types typing-inspection
   dill multiprocess "fsspec==2026.2.0" xxhash docstring-parser typeguard shtab
 )
 target=(--no-deps --only-binary=:all: --python-version 3.12 --platform any --platform manylinux2014_x86_64

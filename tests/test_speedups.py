@@ -19,7 +19,8 @@ def test_auto_takes_the_measured_defaults_of_device_and_weight_format():
     # change this test together with its measurement.
     assert resolve_speedups("auto", "cpu") == ["padding_free", "fused_ce"]
     assert resolve_speedups("auto", "cuda") == ["fused_lora", "fused_ce", "fused_rmsnorm", "fused_rope", "fused_swiglu"]
-    assert resolve_speedups("auto", "cuda", four_bit=True) == []   # 4-bit switched run not measured yet
+    assert resolve_speedups("auto", "cuda", four_bit=True) == [
+        "fused_lora", "no_fp32_upcast", "fused_ce", "fused_rmsnorm", "fused_rope", "fused_swiglu"]
     # An unmeasured device gets nothing: the CUDA row's Triton kernels would not run there.
     assert resolve_speedups("auto", "mps") == []
 
