@@ -54,19 +54,31 @@ class BakeInput:
 
 
 @dataclass(frozen=True)
-class BakeOutput:
-    out_dir: Path
-    method: str
-    tokens: list[str]         # in order: the TEMPLATE writes "".join(tokens) first
+class SoftTokens:
+    """What the stages after the bake need: the tokens the TEMPLATE writes first, and their ids."""
+    tokens: list[str]
     token_ids: list[int]
-    vocab_size: int           # the baked config's
-    untied: bool              # the base tied input and output embeddings, the baked model does not
-    bos_token: str | None     # the base tokenizer adds this at the start: the TEMPLATE writes it after the tokens
-    generation_guard: str = OUTPUT_ROWS
+    bos_token: str | None     # written by the TEMPLATE after the tokens; the GGUF then adds no BOS itself
 
     @property
     def prefix(self) -> str:
-        return "".join(self.tokens)
+        """The text Ollama's TEMPLATE starts with, so the runner's first inputs are PEFT's."""
+        return "".join(self.tokens) + (self.bos_token or "")
+
+    @property
+    def num_keep(self) -> int:
+        """Inputs Ollama must keep when it shifts a full context (PARAMETER num_keep)."""
+        return len(self.tokens) + (1 if self.bos_token else 0)
+
+
+@dataclass(frozen=True)
+class BakeOutput:
+    out_dir: Path
+    method: str
+    soft: SoftTokens
+    vocab_size: int           # the baked config's
+    untied: bool              # the base tied input and output embeddings, the baked model does not
+    generation_guard: str = OUTPUT_ROWS
 
 
 @dataclass(frozen=True)
@@ -147,6 +159,11 @@ def embedding_scale(model) -> float:
 
 
 def bake_soft_prompt(inp: BakeInput) -> BakeOutput:
+    return _bake_and_save(inp)[0]
+
+
+def _bake_and_save(inp: BakeInput):
+    """bake_soft_prompt, also returning the baked model it saved (in inp.dtype)."""
     import torch
     from tokenizers import AddedToken
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,7 +219,8 @@ def bake_soft_prompt(inp: BakeInput) -> BakeOutput:
             {"method": soft.method, "tokens": tokens, "token_ids": ids, "untied": untied,
              "bos_token": _leading_bos(tokenizer), "generation_guard": OUTPUT_ROWS}, indent=2) + "\n",
             encoding="utf-8")
-    return BakeOutput(Path(inp.out_dir), soft.method, tokens, ids, vocab, untied, _leading_bos(tokenizer))
+    return BakeOutput(Path(inp.out_dir), soft.method, SoftTokens(tokens, ids, _leading_bos(tokenizer)), vocab,
+                      untied), model
 
 
 def _leading_bos(tokenizer) -> str | None:
@@ -253,8 +271,9 @@ def peft_logits(base_dir: Path, adapter_dir: Path, rows: list[list[int]]):
                 .logits[0, n:].float() for ids in rows]
 
 
-def check_bake(inp: CheckInput) -> BakeCheck:
-    """The logit gate: PEFT with its soft prompt on `ids` vs the baked folder on `[soft] + ids`."""
+def check_bake(inp: CheckInput, baked_model=None) -> BakeCheck:
+    """The logit gate: PEFT with its soft prompt on `ids` vs the baked folder on `[soft] + ids`
+    (`baked_model`: that folder's model, already in memory, float32)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -265,7 +284,9 @@ def check_bake(inp: CheckInput) -> BakeCheck:
     expected = peft_logits(inp.base_dir, inp.adapter_dir, rows)
 
     baked_tok = AutoTokenizer.from_pretrained(inp.baked_dir)
-    model = AutoModelForCausalLM.from_pretrained(inp.baked_dir, dtype=torch.float32).eval()
+    model = baked_model if baked_model is not None else \
+        AutoModelForCausalLM.from_pretrained(inp.baked_dir, dtype=torch.float32)
+    model.eval()
     worst, margin, scale, positions = 0.0, float("-inf"), 0.0, 0
     with torch.no_grad():
         for text, ids, ref in zip(inp.texts, rows, expected):
@@ -283,29 +304,6 @@ def check_bake(inp: CheckInput) -> BakeCheck:
     return BakeCheck(worst, inp.tolerance * (scale or 1.0), margin, positions)
 
 
-@dataclass(frozen=True)
-class SoftTokens:
-    """What the stages after the bake need: the tokens the TEMPLATE writes first, and their ids."""
-    tokens: list[str]
-    token_ids: list[int]
-    bos_token: str | None     # written by the TEMPLATE after the tokens; the GGUF then adds no BOS itself
-
-    @property
-    def prefix(self) -> str:
-        """The text Ollama's TEMPLATE starts with, so the runner's first inputs are PEFT's."""
-        return "".join(self.tokens) + (self.bos_token or "")
-
-    @property
-    def num_keep(self) -> int:
-        """Inputs Ollama must keep when it shifts a full context (PARAMETER num_keep)."""
-        return len(self.tokens) + (1 if self.bos_token else 0)
-
-    @classmethod
-    def read(cls, baked_dir: Path) -> SoftTokens:
-        info = json.loads((Path(baked_dir) / "soft_prompt.json").read_text(encoding="utf-8"))
-        return cls(info["tokens"], info["token_ids"], info["bos_token"])
-
-
 # Stops an answer at a sampled soft token, which the output rows already make at most as likely
 # as an average token: defence in depth, as Ollama matches stop strings on generated text.
 STOP_TEXT = TOKEN_FORMAT.split("{")[0]
@@ -319,24 +317,20 @@ def bake_for_export(base_dir: Path, adapter_dir: Path, out_dir: Path, texts: lis
     converter reads is what merge.cast_for_export writes for LoRA (the F16 GGUF's own rounding)."""
     import shutil
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from ollama_ft.merge import cast_for_export
 
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.float32")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        bake_soft_prompt(BakeInput(Path(base_dir), Path(adapter_dir), staging, chat_jinja=chat_jinja))
-        check = check_bake(CheckInput(Path(base_dir), Path(adapter_dir), staging, texts))
+        baked, model = _bake_and_save(BakeInput(Path(base_dir), Path(adapter_dir), staging, chat_jinja=chat_jinja))
+        check = check_bake(CheckInput(Path(base_dir), Path(adapter_dir), staging, texts), baked_model=model)
         if not check.passed:
             why = (f"the baked model's logits differ from PEFT's by {check.max_abs_logit_diff:.4g} "
                    f"(allowed {check.tolerance:.4g})" if check.max_abs_logit_diff > check.tolerance else
                    f"a soft-prompt token's logit came within {-check.max_soft_margin:.4g} of the best real token's")
             raise StageError(f"merge: soft-prompt bake check failed: {why}",
                              "the adapter does not fit this base; retrain, or check model.base")
-        model = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32)
         with atomic_output(out_dir) as tmp:
             tmp.mkdir(parents=True)
             for item in staging.iterdir():
@@ -345,7 +339,7 @@ def bake_for_export(base_dir: Path, adapter_dir: Path, out_dir: Path, texts: lis
             cast_for_export(model).save_pretrained(tmp, safe_serialization=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return SoftTokens.read(out_dir), check
+    return baked.soft, check
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,8 @@ def test_baked_model_gives_peft_logits(tiny_base, method, tmp_path, one_torch_th
     vectors = soft_prompt_vectors(adapter)
     assert tuple(vectors.shape) == (8, 256) and read_soft_prompt(adapter).method == method
     baked = bake_soft_prompt(BakeInput(tiny_base, adapter, tmp_path / "baked"))
-    assert baked.tokens == [f"<|soft_prompt_{i}|>" for i in range(8)] and baked.token_ids == list(range(2000, 2008))
-    assert baked.vocab_size == 2008 and baked.bos_token is None and not baked.untied
+    assert baked.soft.tokens == [f"<|soft_prompt_{i}|>" for i in range(8)] and baked.soft.token_ids == list(range(2000, 2008))
+    assert baked.vocab_size == 2008 and baked.soft.bos_token is None and not baked.untied
     gate = check_bake(CheckInput(tiny_base, adapter, baked.out_dir, TEXTS))
     assert gate.passed and gate.max_abs_logit_diff <= 1e-5 and gate.positions > 10, gate
     model = AutoModelForCausalLM.from_pretrained(baked.out_dir)
@@ -84,7 +84,7 @@ def test_new_tokens_can_never_beat_the_best_real_token(tiny_base, tmp_path, one_
 
     baked = bake_soft_prompt(BakeInput(tiny_base, trained(tiny_base, "prompt_tuning", tmp_path, 1), tmp_path / "b"))
     out = AutoModelForCausalLM.from_pretrained(baked.out_dir).get_output_embeddings().weight.detach()
-    real, soft = out[:2000], out[baked.token_ids]
+    real, soft = out[:2000], out[baked.soft.token_ids]
     assert torch.allclose(soft, real.mean(0).expand_as(soft), atol=1e-6)
     torch.manual_seed(0)
     hidden = torch.cat([torch.randn(4096, 256) * scale for scale in (0.1, 1.0, 30.0)])
@@ -100,7 +100,7 @@ def test_tied_bos_adding_scaled_base_is_untied_and_soft_tokens_go_before_bos(gem
     for method in METHODS:
         adapter = trained(gemma_like_base, method, tmp_path)
         baked = bake_soft_prompt(BakeInput(gemma_like_base, adapter, tmp_path / f"{method}-baked"))
-        assert baked.untied and baked.bos_token == "<s>"
+        assert baked.untied and baked.soft.bos_token == "<s>"
         gate = check_bake(CheckInput(gemma_like_base, adapter, baked.out_dir, TEXTS))
         assert gate.passed, gate
         model = AutoModelForCausalLM.from_pretrained(baked.out_dir)
@@ -108,7 +108,7 @@ def test_tied_bos_adding_scaled_base_is_untied_and_soft_tokens_go_before_bos(gem
         assert not model.config.tie_word_embeddings
         assert torch.equal(model.get_output_embeddings().weight[:2000], base.get_input_embeddings().weight)
         scale = 64 ** 0.5   # gemma multiplies looked-up rows by sqrt(hidden); PEFT's vectors skip that
-        rows = model.get_input_embeddings().weight[baked.token_ids].detach()
+        rows = model.get_input_embeddings().weight[baked.soft.token_ids].detach()
         assert torch.allclose(rows * scale, soft_prompt_vectors(adapter), rtol=1e-3, atol=1e-4)
 
 
@@ -120,7 +120,7 @@ def test_the_gate_fails_a_wrong_bake(tiny_base, tmp_path, one_torch_thread):
     baked = bake_soft_prompt(BakeInput(tiny_base, adapter, tmp_path / "baked"))
     weights = load_file(baked.out_dir / "model.safetensors")
     key = next(k for k in weights if "embed_tokens" in k)
-    weights[key][baked.token_ids] = weights[key][baked.token_ids].flip(0).clone()
+    weights[key][baked.soft.token_ids] = weights[key][baked.soft.token_ids].flip(0).clone()
     save_file(weights, baked.out_dir / "model.safetensors", metadata={"format": "pt"})
     gate = check_bake(CheckInput(tiny_base, adapter, baked.out_dir, TEXTS))
     assert not gate.passed and gate.max_abs_logit_diff > 10 * gate.tolerance
@@ -156,19 +156,19 @@ def test_smollm2_soft_prompt_reaches_the_gguf(tmp_path):
         adapter = adapters[method] = train_soft_prompt(base, method, tmp_path / f"{method}-adapter",
                                                        render(base, demo_chats(2)), steps=2)
         baked = bake_soft_prompt(BakeInput(base, adapter, tmp_path / f"{method}-baked"))
-        assert baked.untied and baked.bos_token is None and baked.token_ids == list(range(49152, 49160))
+        assert baked.untied and baked.soft.bos_token is None and baked.soft.token_ids == list(range(49152, 49160))
         gguf = ggufs[method] = convert_to_gguf(ConvertInput(baked.out_dir, tmp_path / f"{method}.gguf", held_out[:1],
                                                             1e-2, tmp_path / "convert.log")).gguf_path
         meta = tokenizer_metadata(gguf)
         assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", "smollm")
-        assert meta["tokenizer.ggml.tokens"] == source["tokenizer.ggml.tokens"] + baked.tokens
+        assert meta["tokenizer.ggml.tokens"] == source["tokenizer.ggml.tokens"] + baked.soft.tokens
         assert meta["tokenizer.ggml.token_type"][-8:] == [3] * 8   # CONTROL: parsed from the template text
         assert meta["tokenizer.ggml.merges"] == source["tokenizer.ggml.merges"]
-        gate = gguf_gate(base, adapter, gguf, held_out, baked.tokens)
+        gate = gguf_gate(base, adapter, gguf, held_out, baked.soft.tokens)
         assert gate.id_mismatches == 0 and gate.top1_agreement == 1.0, gate
         assert gate.max_rel_logit_diff <= 1e-2 and gate.max_soft_margin < 0, gate
     # The gate can fail: the P-tuning GGUF is not the prompt-tuning adapter's model.
-    wrong = gguf_gate(base, adapters["prompt_tuning"], ggufs["p_tuning"], held_out, baked.tokens)
+    wrong = gguf_gate(base, adapters["prompt_tuning"], ggufs["p_tuning"], held_out, baked.soft.tokens)
     assert wrong.max_rel_logit_diff > 1e-2, wrong
 
 
