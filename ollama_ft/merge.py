@@ -15,9 +15,13 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ollama_ft.errors import StageError
 from ollama_ft.runs import atomic_output
+
+if TYPE_CHECKING:
+    from ollama_ft.soft_prompt import SoftTokens
 
 
 @dataclass
@@ -38,7 +42,7 @@ class MergeOutput:
     tolerance: float
     dtype: str                # what the merge was computed in
     saved_dtype: str = "float16"
-    soft_tokens: object = None   # soft_prompt.SoftTokens: a soft prompt baked in as extra tokens
+    soft_tokens: SoftTokens | None = None   # a soft prompt baked in as extra tokens
 
 
 def keep_base_tokenizer(base: Path, out: Path, chat_jinja: str) -> None:

@@ -14,7 +14,6 @@ itself. Elsewhere the gate says it could not check, and the build goes on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from ollama_ft.errors import StageError
 from ollama_ft.modelfile import ModelfileSpec

@@ -110,7 +110,7 @@ def render_markdown(figures: list[QualityFigures], chosen: str, floor: str, imat
         if rates:
             row.append(f"{rates[f.quant_type]:.1%}" if f.quant_type in rates else "–")
         rows.append(row)
-    lines = [f"# Quantization by quality\n", f"Importance matrix: {imatrix}. Floor: {floor}. "
+    lines = ["# Quantization by quality\n", f"Importance matrix: {imatrix}. Floor: {floor}. "
              f"Shipped: **{chosen}**. Reference: F16 perplexity {figures[0].base_perplexity:.3f}.\n",
              *markdown_table(head + (["eval pass rate"] if rates else []), rows)]
     return "\n".join(lines) + "\n"

@@ -13,13 +13,16 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ollama_ft.context import BuildContext, quality_texts
 from ollama_ft.errors import OllamaFtError
 from ollama_ft.formatting import format_bytes
 from ollama_ft.runs import (RunDir, StageRecord, atomic_write_json, file_digest, file_stat, fingerprint, tree_size,
                             weights_size)
+
+if TYPE_CHECKING:
+    from ollama_ft.soft_prompt import SoftTokens
 
 
 class Runner:
@@ -66,6 +69,10 @@ class Runner:
         self._show(name, "done", f"{seconds:.1f}s")
         self.write_metrics()
         return record
+
+    def begin_group(self, name: str) -> None:
+        """Show a stage whose work is a nested runner's stages as started; `group` ends it."""
+        self._show(name, "start")
 
     def group(self, name: str, nested: Runner, seconds: float, summary: dict[str, Any]) -> None:
         """Count a nested runner's stages as one stage of this run (done if any of them ran)."""
@@ -183,7 +190,7 @@ class Merged:
     merged_path: Path
     max_abs_logit_diff: float
     size_bytes: int
-    soft: Any = None             # soft_prompt.SoftTokens: a soft prompt baked in as extra tokens
+    soft: SoftTokens | None = None   # a soft prompt baked in as extra tokens
 
 
 def export_ram_warning(recipe, options) -> str | None:
@@ -554,7 +561,7 @@ def baseline(ctx: BuildContext, runner: Runner, written: Modelfile, quantized: Q
 
     name = ctx.name.split(":", 1)[0] + ":base"
     nested = Runner(ctx, RunDir(ctx.run.path("baseline")), report=False)
-    runner._show("baseline", "start")
+    runner.begin_group("baseline")
     started = time.perf_counter()
     base_dir = Path(ctx.base.path)
     f16 = convert(ctx, nested, base_dir, tree_size(base_dir) if base_dir.exists() else 0,

@@ -15,8 +15,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ollama_ft.errors import StageError
+
+if TYPE_CHECKING:
+    from ollama_ft.soft_prompt import SoftTokens
 
 SAMPLE_LIMIT = 1000   # larger data sets are checked on a seeded sample of this many examples
 
@@ -31,7 +35,7 @@ class TokenizerGateInput:
     max_length: int           # training truncated examples to this many tokens
     sample_limit: int = SAMPLE_LIMIT
     seed: int = 0
-    soft: object = None       # soft_prompt.SoftTokens: the template writes them first, PEFT put them first
+    soft: SoftTokens | None = None   # the template writes them first, PEFT put them first
 
 
 @dataclass

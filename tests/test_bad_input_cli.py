@@ -3,7 +3,6 @@ code 2, and nothing written (no run folder, no Ollama call). Each row is a disti
 makes; the README's troubleshooting table lists the common ones."""
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner

@@ -5,7 +5,6 @@ a Modelfile cannot hold."""
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import pytest
 

@@ -8,7 +8,6 @@ the PEFT backend trains the tiny base a few steps with and without the switch. C
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest

@@ -30,7 +30,6 @@ def adapter(tiny_base, tmp_path_factory):
 
 
 def test_merged_logits_equal_adapter_logits(tiny_base, adapter, tmp_path):
-    import torch
     from transformers import AutoModelForCausalLM
 
     out = merge_adapter(MergeInput(tiny_base, adapter, "adapter", load_family("chatml").jinja, SAMPLES,

@@ -147,7 +147,6 @@ def test_existing_model_is_not_replaced_without_force(tmp_path, ollama_server, t
 def test_unreachable_ollama_is_one_line_with_the_fix(tmp_path):
     from ollama_ft.ollama_server import free_port
 
-    recipe = write_recipe(tmp_path, "no-server")
     out = subprocess.run([sys.executable, "-m", "ollama_ft.cli", "eval", "any-model", "--host",
                           f"127.0.0.1:{free_port()}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
