@@ -162,7 +162,7 @@ def bake_soft_prompt(inp: BakeInput) -> BakeOutput:
     return _bake_and_save(inp)[0]
 
 
-def _bake_and_save(inp: BakeInput):
+def _bake_and_save(inp: BakeInput) -> tuple[BakeOutput, object]:
     """bake_soft_prompt, also returning the baked model it saved (in inp.dtype)."""
     import torch
     from tokenizers import AddedToken
@@ -211,16 +211,16 @@ def _bake_and_save(inp: BakeInput):
     else:
         model = model.to(getattr(torch, inp.dtype))
 
-    with atomic_output(Path(inp.out_dir)) as tmp:
+    baked = BakeOutput(Path(inp.out_dir), soft.method, SoftTokens(tokens, ids, _leading_bos(tokenizer)), vocab, untied)
+    with atomic_output(baked.out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _keep_sentencepiece(Path(inp.base_dir), tmp, tokens, ids, inp.chat_jinja)
         (tmp / "soft_prompt.json").write_text(json.dumps(
-            {"method": soft.method, "tokens": tokens, "token_ids": ids, "untied": untied,
-             "bos_token": _leading_bos(tokenizer), "generation_guard": OUTPUT_ROWS}, indent=2) + "\n",
+            {"method": baked.method, "tokens": tokens, "token_ids": ids, "untied": untied,
+             "bos_token": baked.soft.bos_token, "generation_guard": baked.generation_guard}, indent=2) + "\n",
             encoding="utf-8")
-    return BakeOutput(Path(inp.out_dir), soft.method, SoftTokens(tokens, ids, _leading_bos(tokenizer)), vocab,
-                      untied), model
+    return baked, model
 
 
 def _leading_bos(tokenizer) -> str | None:

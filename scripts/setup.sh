@@ -57,8 +57,8 @@ fi
 step "installing ollama-ft and its pinned dependencies (constraints.txt)"
 # llama-cpp-python compiles from source; its multimodal library (mtmd, LLAVA_BUILD) is loaded only
 # by image chat handlers, which ollama-ft never uses, so the demo leaves it out of the build.
-if [ $DEMO = 1 ]; then export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"; fi
 if [ $DEMO = 1 ]; then
+  export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
   python -m pip install -q -c constraints.txt -e .
 else
   python -m pip install -c constraints.txt -e '.[dev]'
